@@ -1,0 +1,123 @@
+"""The command line: parse, build a config, call one function. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefalign.errors import UserError
+
+TRAIN_HELP = """Train a model with a preference loss (DPO and relatives, KTO) or SFT.
+Every flag is also a YAML key for --config (max_steps <-> --max-steps); flags win over the file."""
+
+
+def _train_parser(sub, name: str, help: str):
+    from prefalign import config
+
+    p = sub.add_parser(name, help=help, description=TRAIN_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML file of config keys")
+    config.add_flags(p)
+    return p
+
+
+def cmd_train(args, base=None):
+    from prefalign import config, train
+
+    cfg = config.from_args(args, base)
+    result = train.train(cfg)
+    last = result.history[-1] if result.history else {}
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen")
+    summary = "  ".join(f"{k} {last[k]:.4g}" for k in keys if isinstance(last.get(k), float))
+    print(f"done: {result.steps} steps -> {result.output}  {summary}")
+    if result.final_eval:
+        print("held-out: " + "  ".join(f"{k} {v:.4g}" for k, v in result.final_eval.items()
+                                        if k in ("loss", "rewards/accuracies", "rewards/margins")))
+
+
+def cmd_sft(args):
+    cmd_train(args, base={"loss": "sft", "lr": 2e-5, "reference": "none"})
+
+
+def cmd_losses(args):
+    from prefalign.losses import LOSSES
+
+    for name, spec in sorted(LOSSES.items()):
+        ref = "reference" if spec.needs_reference else "no reference"
+        print(f"{name:12s} {spec.kind:8s} {ref:13s} inputs={spec.inputs}  {spec.defaults}")
+
+
+def cmd_eval(args):
+    from prefalign.eval_cmd import run_eval
+
+    run_eval(args)
+
+
+def cmd_demo(args):
+    from prefalign.demo.run import run_demo
+
+    run_demo(output=args.output, quick=args.quick, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefalign", description="Align language models with preference data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _train_parser(sub, "train", "train with a preference loss (dpo, ipo, kto, orpo, simpo, ...)").set_defaults(func=cmd_train)
+    _train_parser(sub, "sft", "supervised fine-tuning on completions (the starting point for DPO)").set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("eval", help="held-out preference accuracy, margins, KL to the reference, lengths")
+    p.add_argument("--model", required=True)
+    p.add_argument("--ref-model", default="", help="reference model (default: none; KL and rewards need it)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--samples", type=int, default=32, help="prompts to sample for the KL estimate (0 = skip)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("losses", help="list the losses")
+    p.set_defaults(func=cmd_losses)
+
+    p = sub.add_parser("demo", help="the whole story on a built-in task, on a CPU, in minutes")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a reduced run (seconds; used by the tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands():
+    """Commands registered by other modules (online, audit, experiments) when present."""
+    found = []
+    for mod_name in ("prefalign.online.cli", "prefalign.audit", "prefalign.experiments.cli"):
+        try:
+            mod = __import__(mod_name, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != mod_name:
+                raise
+            continue
+        found.append(mod.register)
+    return found
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"prefalign: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prefalign: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Run configuration: one dataclass, readable from YAML and from command-line flags.
+
+Every field is both a YAML key (`max_steps`) and a flag (`--max-steps`); the flag wins.
+Unknown keys and out-of-range values are user errors with a clear message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from prefalign.errors import UserError
+
+
+def _f(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = _f("", "model: a local path or a hub id (any AutoModelForCausalLM)")
+    ref_model: str = _f("", "reference model for --reference copy (default: the same as --model)")
+    tokenizer: str = _f("", "tokenizer path or hub id (default: the model's)")
+    data: str = _f("", "training data: .jsonl/.json/.parquet/.csv, a saved datasets dir, or a hub name")
+    data_split: str = _f("train", "split to read when --data is a datasets dir or hub name")
+    eval_data: str = _f("", "held-out data for periodic evaluation (same formats as --data)")
+    output: str = _f("", "output directory (model, metrics.jsonl, checkpoints, plots)")
+    # the objective
+    loss: str = _f("dpo", "loss name (see `prefalign losses`), or 'sft'")
+    beta: float = _f(0.1, "beta: strength of the pull toward the reference (KL coefficient)")
+    label_smoothing: float = _f(0.0, "label smoothing e for dpo (cDPO), robust, exo_pair; in [0, 0.5)")
+    gamma: float = _f(0.5, "simpo target margin gamma")
+    rpo_alpha: float = _f(0.0, "weight of a chosen-NLL (SFT) term added to any paired loss (RPO); 0 = off")
+    desirable_weight: float = _f(1.0, "kto weight of desirable examples")
+    undesirable_weight: float = _f(1.0, "kto weight of undesirable examples")
+    ipo_average_logps: bool = _f(False, "ipo: feed per-token mean log-probs instead of sums")
+    # optimisation
+    max_steps: int = _f(0, "optimizer steps (0 = run --epochs)")
+    epochs: float = _f(1.0, "epochs over the data when --max-steps is 0")
+    batch_size: int = _f(4, "pairs per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (pairs/step = batch x accum x processes)")
+    lr: float = _f(5e-7, "peak learning rate (AdamW)")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    lr_schedule: str = _f("linear", "learning-rate schedule after warm-up", ["constant", "linear", "cosine"])
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    seed: int = _f(0, "random seed (data order, dropout, init of LoRA)")
+    precision: str = _f("fp32", "compute precision (bf16 = autocast, fp32 master weights)", ["fp32", "bf16"])
+    # data handling
+    max_length: int = _f(1024, "max tokens of prompt + completion")
+    max_prompt_length: int = _f(0, "max prompt tokens (0 = half of --max-length)")
+    on_bad_row: str = _f("error", "a bad data row stops the run, or is skipped and written to rejects.jsonl", ["error", "skip"])
+    packing: bool = _f(True, "pack pairs into rows with a shared prompt (no padding); off = padded batches")
+    token_budget: int = _f(0, "tokens per packed row (0 = max(--max-length, longest pair))")
+    # the reference
+    reference: str = _f("auto", "reference strategy (auto: copy, adapters-off with LoRA, none when the loss needs none)",
+                        ["auto", "copy", "adapters-off", "precomputed", "none"])
+    cache_dir: str = _f("", "where precomputed reference log-probs are cached (default OUTPUT/ref_cache)")
+    # LoRA
+    lora_r: int = _f(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: float = _f(16.0, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_target_modules: str = _f("all-linear", "comma-separated module names for LoRA, or all-linear")
+    qlora: bool = _f(False, "load the base in 4-bit (bitsandbytes, GPU only) and train LoRA on it")
+    merge_lora: bool = _f(False, "also write merged full weights to OUTPUT/merged")
+    trust_remote_code: bool = _f(False, "allow the model repo's own Python code to run (off by default)")
+    # logging, evaluation, checkpoints
+    log_every: int = _f(1, "log metrics every N steps")
+    eval_every: int = _f(0, "evaluate on --eval-data every N steps (0 = only at the end)")
+    save_every: int = _f(0, "write a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
+    resume: str = _f("", "resume: 'auto' (newest valid checkpoint in OUTPUT) or a checkpoint path")
+    overwrite: bool = _f(False, "replace an existing run in OUTPUT")
+    tensorboard: bool = _f(False, "also log to TensorBoard under OUTPUT/tb")
+    both_drop_threshold: float = _f(0.5, "alarm when the chosen per-token log-prob falls this far (nats) below its start while the margin grows")
+    both_drop_stop: bool = _f(False, "stop the run (with a checkpoint) when the both-drop alarm fires")
+    max_nonfinite: int = _f(5, "stop after this many non-finite steps in a row")
+    chunk_size: int = _f(0, "tokens per chunk of the log-prob head (0 = automatic)")
+    progress: bool = _f(True, "show a progress bar")
+    save_model: bool = _f(True, "write the trained model to OUTPUT/model at the end")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(TrainConfig)
+    return hints[f.name]
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Convert a YAML or flag value to the field's type, or raise a UserError naming it."""
+    typ = _type_of(FIELDS[name])
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {name} must be {typ.__name__}, got {value!r}") from None
+
+
+def _unknown(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def build(values: dict, where: str = "config") -> TrainConfig:
+    """A validated TrainConfig from a dict of (possibly string) values."""
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise _unknown(key, where)
+        kwargs[name] = _coerce(name, value, where)
+    cfg = TrainConfig(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    def bad(msg):
+        raise UserError(f"config: {msg}")
+
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, name) not in choices:
+            bad(f"{name} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}")
+    if not cfg.beta > 0:
+        bad(f"beta must be > 0; got {cfg.beta}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        bad(f"label_smoothing must be in [0, 0.5); got {cfg.label_smoothing}")
+    if not 0 < cfg.lr < 1:
+        bad(f"lr must be in (0, 1); got {cfg.lr}")
+    for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints", "max_nonfinite"):
+        if getattr(cfg, name) < 1:
+            bad(f"{name} must be >= 1; got {getattr(cfg, name)}")
+    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "lora_r", "max_prompt_length",
+                 "token_budget", "chunk_size"):
+        if getattr(cfg, name) < 0:
+            bad(f"{name} must be >= 0; got {getattr(cfg, name)}")
+    if cfg.max_steps == 0 and not cfg.epochs > 0:
+        bad(f"epochs must be > 0 when max_steps is 0; got {cfg.epochs}")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad(f"lora_dropout must be in [0, 1); got {cfg.lora_dropout}")
+    if cfg.max_grad_norm < 0 or cfg.weight_decay < 0 or cfg.rpo_alpha < 0:
+        bad("max_grad_norm, weight_decay and rpo_alpha must be >= 0")
+    if cfg.reference == "adapters-off" and cfg.lora_r == 0:
+        bad("reference adapters-off needs LoRA (set lora_r > 0)")
+    if cfg.qlora and cfg.lora_r == 0:
+        bad("qlora needs LoRA (set lora_r > 0)")
+
+
+def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per config field; defaults stay None so we know which flags were given."""
+    for name, f in FIELDS.items():
+        if name in skip:
+            continue
+        typ = _type_of(f)
+        default = f.default
+        help_text = f"{f.metadata['help']} (default: {default!r})"
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text,
+                                choices=f.metadata.get("choices"))
+
+
+def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:
+    """Merge: dataclass defaults < base (the command's defaults) < YAML (--config) < explicit flags."""
+    values: dict = dict(base or {})
+    config_path = getattr(args, "config", None)
+    if config_path:
+        file_values = load_yaml(config_path)
+        for key in file_values:
+            if key.replace("-", "_") not in FIELDS:
+                raise _unknown(key, config_path)
+        values.update({k.replace("-", "_"): v for k, v in file_values.items()})
+    for name in FIELDS:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    return build(values, where=config_path or "flags")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,61 @@
+"""Held-out evaluation: implicit-reward accuracy and margins on pairs, the KL to the
+reference measured on the policy's OWN samples, and mean lengths.
+
+KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)]: we sample y from the policy and
+average the summed log-ratio; the pairs' log-ratio (logged during training) is not a KL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefalign import objective, prepare
+
+
+@torch.no_grad()
+def pair_metrics(s: prepare.Setup, cfg, ac, items=None, batch_size: int | None = None) -> dict:
+    """Loss, reward accuracy/margins and log-probs of `items` (default: the eval items)."""
+    from prefalign.train import _normalise, micro_step
+
+    items = s.eval_items if items is None else items
+    bs = batch_size or cfg.batch_size
+    was_training = s.policy.training
+    s.policy.eval()
+    sums: dict = {}
+    loss_total = 0.0
+    for i in range(0, len(items), bs):
+        loss, m = micro_step(s, cfg, items[i:i + bs], ac)
+        loss_total += float(loss)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    s.policy.train(was_training)
+    kto = s.spec is not None and s.spec.kind == "unpaired"
+    out = _normalise(sums, len(items), kto)
+    if s.spec is None:
+        out["loss"] = loss_total / max(1.0, sums.get("lengths/chosen", 1.0))
+    else:
+        out["loss"] = loss_total / len(items)
+    return out
+
+
+@torch.no_grad()
+def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 64,
+               temperature: float = 1.0, seed: int = 0, batch_size: int = 16, ac=None) -> dict:
+    """KL(pi || ref) on samples of the policy, with their mean length.
+
+    `reference` is a prefalign.reference.Reference (copy or adapters-off)."""
+    from prefalign.online.generate import SamplingConfig, generate
+
+    kls, lengths = [], []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        gen = generate(policy, tokenizer, batch, SamplingConfig(max_new_tokens=max_new_tokens,
+                                                                 temperature=temperature, seed=seed + i))
+        comps = [list(c) for c in gen.completion_ids]
+        pol = objective.completion_logps(policy, batch, comps, pad_id=tokenizer.pad_token_id, chunk_size=0)
+        ref = reference.completion_logps(batch, comps)
+        kls.append(pol.sum.float() - ref.sum.float().to(pol.sum.device))
+        lengths.append(pol.count.float())
+    kl = torch.cat(kls)
+    return {"kl/sampled": kl.mean().item(), "kl/sampled_std": kl.std().item() if len(kl) > 1 else 0.0,
+            "lengths/sampled": torch.cat(lengths).mean().item()}

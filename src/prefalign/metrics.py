@@ -1,0 +1,146 @@
+"""Metrics: metrics.jsonl (one object per step), the console, TensorBoard; and the both-drop alarm.
+
+Names follow the ecosystem (rewards/chosen, rewards/margins, logps/chosen, ...), so
+dashboards built for TRL read prefalign runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU allocator peak on CUDA, else the peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step; on resume, drops lines past the checkpoint first."""
+
+    def __init__(self, output: str, enabled: bool, tensorboard: bool = False, resume_step: int | None = None):
+        self.path = os.path.join(output, "metrics.jsonl")
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None:
+            # The steps after the checkpoint will be run again: their old lines must go,
+            # so no step appears twice in the file.
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            with open(self.path + ".tmp", "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(self.path + ".tmp", self.path)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from prefalign.errors import UserError
+
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(os.path.join(output, "tb"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+class BothDropAlarm:
+    """Fires when the chosen completion's per-token log-prob falls `threshold` nats below its
+    starting value while the reward margin grows: DPO is widening the gap by pushing BOTH
+    responses down, which usually precedes degenerate generations."""
+
+    def __init__(self, threshold: float, state: dict | None = None):
+        self.threshold = threshold
+        state = state or {}
+        self.start_chosen = state.get("start_chosen")
+        self.start_margin = state.get("start_margin")
+        self.fired_at = state.get("fired_at")
+
+    def state(self) -> dict:
+        return {"start_chosen": self.start_chosen, "start_margin": self.start_margin, "fired_at": self.fired_at}
+
+    def update(self, step: int, chosen_mean_logp: float | None, margin: float | None) -> bool:
+        """True exactly once: at the step the alarm first fires."""
+        if chosen_mean_logp is None or margin is None or not math.isfinite(chosen_mean_logp):
+            return False
+        if self.start_chosen is None:
+            self.start_chosen, self.start_margin = chosen_mean_logp, margin
+            return False
+        dropped = chosen_mean_logp < self.start_chosen - self.threshold
+        if dropped and margin > self.start_margin and self.fired_at is None:
+            self.fired_at = step
+            return True
+        return False
+
+
+class Console:
+    """A progress bar with ETA and the key figures (rich), or plain lines when not a TTY."""
+
+    KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "kl/pairs")
+
+    def __init__(self, total: int, enabled: bool, start: int = 0, label: str = "train"):
+        self.enabled = enabled
+        self.total = total
+        self.t0 = time.time()
+        self.start = start
+        self.progress = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), transient=False)
+            self.task = self.progress.add_task(label, total=total, completed=start, info="")
+            self.progress.start()
+
+    def update(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        info = "  ".join(f"{k.split('/')[-1]} {record[k]:.4g}" for k in self.KEYS
+                         if isinstance(record.get(k), (int, float)))
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=info)
+        else:
+            done = step - self.start
+            eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+            print(f"step {step}/{self.total}  {info}  eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(msg)
+        elif self.enabled:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

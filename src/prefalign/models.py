@@ -1,0 +1,121 @@
+"""Loading models and tokenizers (local path or hub id), LoRA/QLoRA through peft.
+
+Safety defaults: `trust_remote_code` is off unless asked, and weights load from
+safetensors only (a repo with only pickled `.bin` weights is refused, since
+unpickling runs code).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from prefalign.errors import UserError
+
+
+def _check_source(path: str, what: str) -> None:
+    if not path:
+        raise UserError(f"no {what} given (--{what})")
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
+    if looks_local:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise UserError(f"{what} path not found: {path}")
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")) and what == "model":
+            raise UserError(f"{path}: not a model directory (no config.json)")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token (EOS stands in when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    _check_source(path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise UserError(f"{path}: the tokenizer has no EOS token; completions need one to end "
+                        f"(set eos_token in tokenizer_config.json)")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               qlora: bool = False):
+    """Any AutoModelForCausalLM from a local directory or a hub id, from safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(path, "model")
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True)
+    if qlora:
+        kwargs["quantization_config"] = _qlora_config()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0]
+        if "safetensors" in first.lower():
+            raise UserError(f"{path}: no safetensors weights found; prefalign does not unpickle .bin "
+                            f"weights (convert them with save_pretrained(safe_serialization=True))") from None
+        raise UserError(f"could not load a model from {path}: {first}") from None
+    return model
+
+
+def _qlora_config():
+    if not torch.cuda.is_available():
+        raise UserError("qlora needs a CUDA GPU (4-bit weights through bitsandbytes); use LoRA without --qlora on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("qlora needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str = "all-linear", qlora=False):
+    """Wrap the model with LoRA adapters; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type="CAUSAL_LM", bias="none")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"LoRA target modules {target_modules!r}: {str(e).splitlines()[0]}") from None
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_model(model, tokenizer, path: str, merged_path: str | None = None) -> None:
+    """HF format (safetensors): a full model, or a LoRA adapter (+ merged weights on request)."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    if merged_path and is_peft(model):
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(merged_path, safe_serialization=True)
+        tokenizer.save_pretrained(merged_path)

@@ -1,0 +1,150 @@
+"""Everything a run needs before its first step: the tokenizer, the tokenized data,
+the policy (with LoRA if asked) and the reference strategy.
+
+Shared by `train`, `sft`, `eval` and the experiments, so each command loads data and
+models the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+
+from prefalign import models, reference as refs
+from prefalign.config import TrainConfig
+from prefalign.data.formats import load_examples, pairs_to_unpaired
+from prefalign.data.tokenize import tokenize_examples
+from prefalign.errors import UserError
+from prefalign.losses import LossSpec, get_loss
+
+
+def loss_spec(cfg: TrainConfig) -> LossSpec | None:
+    """None for SFT; the registry's spec otherwise."""
+    return None if cfg.loss == "sft" else get_loss(cfg.loss)
+
+
+def data_kind(spec: LossSpec | None) -> str:
+    if spec is None:
+        return "sft"
+    return "unpaired" if spec.kind == "unpaired" else "paired"
+
+
+def max_prompt_length(cfg: TrainConfig) -> int:
+    return cfg.max_prompt_length or cfg.max_length // 2
+
+
+def load_items(cfg: TrainConfig, tokenizer, path: str, kind: str, rejects_path: str | None, log=print):
+    """Read, validate and tokenize a data file into items for `kind` (paired | unpaired | sft)."""
+    want = {"paired": "paired", "unpaired": "auto", "sft": "auto"}[kind]
+    loaded = load_examples(path, kind=want, on_bad_row=cfg.on_bad_row, rejects_path=rejects_path,
+                           split=cfg.data_split)
+    examples = loaded.examples
+    if kind == "unpaired" and loaded.kind == "paired":
+        examples = pairs_to_unpaired(examples)  # KTO on paired data: chosen -> good, rejected -> bad
+    elif kind == "unpaired" and loaded.kind != "unpaired":
+        raise UserError(f"{path}: loss {cfg.loss} needs unpaired rows (prompt, completion, label) or pairs; "
+                        f"found {loaded.kind} rows")
+    elif kind == "sft" and loaded.kind == "paired":
+        examples = [e for e in pairs_to_unpaired(examples) if e.label]  # SFT on the chosen side
+    elif kind == "sft" and loaded.kind == "unpaired":
+        examples = [e for e in examples if e.label]
+    elif kind == "sft" and loaded.kind != "unpaired":
+        raise UserError(f"{path}: sft needs prompt/completion rows or preference pairs; found {loaded.kind} rows")
+    result = tokenize_examples(examples, tokenizer, max_length=cfg.max_length,
+                               max_prompt_length=max_prompt_length(cfg), on_bad_row=cfg.on_bad_row,
+                               rejects_path=rejects_path)
+    skipped = loaded.skipped + result.stats.get("skipped", 0)
+    if skipped:
+        log(f"{path}: skipped {skipped} bad rows (written to {rejects_path})")
+    if result.stats.get("truncated"):
+        log(f"{path}: truncated {result.stats['truncated']} rows to max_length {cfg.max_length}")
+    if not result.items:
+        raise UserError(f"{path}: no usable rows")
+    return result.items, {"rows": len(result.items), "skipped": skipped, **result.stats}
+
+
+@dataclass
+class Setup:
+    tokenizer: object
+    policy: torch.nn.Module
+    reference: refs.Reference
+    spec: LossSpec | None
+    items: list
+    eval_items: list
+    data_stats: dict
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast for matmuls; weights stay fp32 (master copy) and log-prob reductions fp32."""
+    if cfg.precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def reference_strategy(cfg: TrainConfig, spec: LossSpec | None) -> str:
+    if spec is None or not spec.needs_reference:
+        if cfg.reference not in ("auto", "none"):
+            raise UserError(f"loss {cfg.loss} uses no reference; drop --reference {cfg.reference}")
+        return "none"
+    if cfg.reference == "none":
+        raise UserError(f"loss {cfg.loss} needs a reference model; use --reference copy, adapters-off or precomputed")
+    if cfg.reference == "auto":
+        return "adapters-off" if cfg.lora_r > 0 else "copy"
+    return cfg.reference
+
+
+def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None, ref_model=None,
+          accelerator=None, log=print) -> Setup:
+    """Load tokenizer, data, policy and reference. `model`/`tokenizer` objects may be passed in
+    (the demo and the tests build them in-process); otherwise they load from cfg.model."""
+    spec = loss_spec(cfg)
+    strategy = reference_strategy(cfg, spec)
+    if tokenizer is None:
+        tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    kind = data_kind(spec)
+    rejects = os.path.join(cfg.output, "rejects.jsonl") if cfg.output else None
+    items, stats = load_items(cfg, tokenizer, cfg.data, kind, rejects, log)
+    eval_items = []
+    if cfg.eval_data:
+        eval_items, _ = load_items(cfg, tokenizer, cfg.eval_data, kind,
+                                   os.path.join(cfg.output, "rejects_eval.jsonl") if cfg.output else None, log)
+    if kind == "unpaired" and cfg.packing:
+        pass  # unpaired rows are padded; packing applies to pairs
+    if model is None:
+        model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, qlora=cfg.qlora)
+    if cfg.lora_r > 0 and not models.is_peft(model):
+        torch.manual_seed(cfg.seed)
+        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                                  qlora=cfg.qlora)
+    model.to(device)
+    model.train()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+
+    ref_kw = dict(pad_id=tokenizer.pad_token_id, packing=cfg.packing, token_budget=cfg.token_budget,
+                  chunk_size=cfg.chunk_size, autocast=autocast(cfg, device))
+    reference: refs.Reference = refs.Reference()
+    if strategy in ("copy", "precomputed") and not (strategy == "precomputed" and cfg.lora_r > 0):
+        if ref_model is None:
+            dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+            ref_model = models.load_model(cfg.ref_model or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                          dtype=dtype)
+        reference = refs.ModelReference(models.freeze(ref_model).to(device), **ref_kw)
+    elif strategy in ("adapters-off", "precomputed"):
+        reference = refs.ModelReference(model, adapters_off=True, **ref_kw)
+    if strategy == "precomputed":
+        if kind != "paired":
+            raise UserError("reference precomputed supports paired losses only; use --reference copy")
+        settings = {"max_length": cfg.max_length, "packing": cfg.packing, "precision": cfg.precision}
+        key = refs.cache_key(cfg.ref_model or cfg.model or "in-process", reference.model, items + eval_items,
+                             settings)
+        cache_dir = cfg.cache_dir or os.path.join(cfg.output, "ref_cache")
+        log(f"precomputing reference log-probs for {len(items) + len(eval_items)} pairs (cache {cache_dir})")
+        reference = refs.precompute(reference, items + eval_items, cfg.batch_size, cache_dir, key, accelerator)
+        ref_model = None  # the reference model is freed: training runs no reference forward
+        gc.collect()
+    return Setup(tokenizer, model, reference, spec, items, eval_items, stats)

@@ -1,0 +1,317 @@
+"""The offline training loop: DPO-family losses, KTO and SFT through one readable loop.
+
+One optimizer step consumes `batch_size x grad_accum x processes` examples. Every
+process knows the whole step's example indices (the data order is a pure function of
+seed and epoch), so loss denominators need no communication and a resumed run picks
+up exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from prefalign import checkpoint, objective, prepare
+from prefalign.config import TrainConfig, to_dict
+from prefalign.errors import UserError
+from prefalign.metrics import BothDropAlarm, Console, MetricsLog, peak_memory_mb
+
+
+@dataclass
+class RunResult:
+    output: str
+    steps: int
+    history: list = field(default_factory=list)  # the logged records
+    final_eval: dict = field(default_factory=dict)
+    stopped: str = ""  # why the run stopped early ("" = it finished)
+    policy: object = None
+    tokenizer: object = None
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def step_indices(n_items: int, step: int, per_step: int, seed: int) -> list[int]:
+    """The example indices of optimizer step `step` (0-based): a fresh permutation each epoch."""
+    steps_per_epoch = n_items // per_step
+    epoch, k = divmod(step, steps_per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n_items, generator=g).tolist()
+    return perm[k * per_step:(k + 1) * per_step]
+
+
+def total_steps(cfg: TrainConfig, n_items: int, world: int) -> int:
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    if n_items < per_step:
+        raise UserError(f"{cfg.data}: {n_items} usable rows, fewer than one optimizer step needs "
+                        f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)")
+    return cfg.max_steps or max(1, int(cfg.epochs * (n_items // per_step)))
+
+
+def _check_output(cfg: TrainConfig, resuming: bool) -> None:
+    """Never clobber another run: an output dir that holds one needs --resume or --overwrite."""
+    if not cfg.output:
+        raise UserError("no output directory given (--output)")
+    marker = os.path.join(cfg.output, "config.yaml")
+    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        raise UserError(f"--output {cfg.output} exists and is not a directory")
+    if os.path.isfile(marker) and not (resuming or cfg.overwrite):
+        raise UserError(f"{cfg.output} already holds a run; use --resume auto to continue it or --overwrite "
+                        f"to replace it")
+
+
+class _Stop:
+    """SIGINT/SIGTERM ask for a clean stop: the loop finishes its step, saves, and exits."""
+
+    def __init__(self):
+        self.signal = None
+        self.old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def _all_reduce_grads(params, world: int) -> None:
+    """Average gradients over processes in one flat buffer (plain DDP semantics)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac):
+    """Forward one micro-batch: (loss summed over its examples, metric sums)."""
+    kw = dict(pad_id=s.tokenizer.pad_token_id, chunk_size=cfg.chunk_size)
+    if s.spec is None:  # SFT
+        with ac():
+            pol = objective.completion_logps(s.policy, [i.prompt_ids for i in items],
+                                             [i.completion_ids for i in items], **kw)
+        return objective.sft_loss(pol)
+    if s.spec.kind == "unpaired":
+        prompts = [i.prompt_ids for i in items]
+        comps = [i.completion_ids for i in items]
+        desirable = torch.tensor([bool(i.label) for i in items], device=s.policy.device)
+        with ac():
+            pol = objective.completion_logps(s.policy, prompts, comps, **kw)
+        ref = s.reference.completion_logps(prompts, comps)
+        kl = kto_kl(s, prompts, comps, kw, ac)
+        return objective.kto_loss(s.spec, cfg, pol, ref, desirable, kl)
+    with ac():
+        pol = objective.pair_logps(s.policy, items, packing=cfg.packing, token_budget=cfg.token_budget, **kw)
+    ref = s.reference.pair_logps(items)
+    if ref is not None:
+        ref = objective.PairLogps(*(t.to(pol.chosen.device) for t in ref))
+    return objective.paired_loss(s.spec, cfg, pol, ref)
+
+
+def kto_kl(s: prepare.Setup, prompts, comps, kw, ac) -> torch.Tensor:
+    """KTO's reference point: KL(policy || ref) estimated on mismatched (prompt_i, completion_i-1)
+    pairs of the batch, averaged over processes; no gradient flows through it."""
+    shifted = comps[-1:] + comps[:-1]
+    with torch.no_grad(), ac():
+        pol = objective.completion_logps(s.policy, prompts, shifted, **kw)
+    ref = s.reference.completion_logps(prompts, shifted)
+    kl = (pol.sum - ref.sum).mean().detach()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(kl)
+        kl /= dist.get_world_size()
+    return kl
+
+
+def _normalise(sums: dict, n: float, kto: bool) -> dict:
+    out = {}
+    for k, v in sums.items():
+        if kto and k.startswith(("rewards/", "logps/")) and not k.startswith("count/"):
+            denom = sums["count/desirable"] if k.endswith("chosen") else sums["count/undesirable"]
+            out[k] = v / denom if denom > 0 else float("nan")
+        elif k.startswith("count/"):
+            out[k] = v
+        else:
+            out[k] = v / n
+    if kto:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
+def _reduce(sums: dict, device, world: int) -> dict:
+    keys = sorted(sums)
+    vec = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(vec)
+    return dict(zip(keys, vec.tolist()))
+
+
+def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
+    """Run one offline training job described by `cfg`; returns what it logged."""
+    from accelerate import Accelerator
+
+    from prefalign import evaluate, report
+
+    resuming = bool(cfg.resume)
+    _check_output(cfg, resuming)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    rank0, world, device = acc.is_main_process, acc.num_processes, acc.device
+    if rank0:
+        os.makedirs(cfg.output, exist_ok=True)
+    say = Console(0, cfg.progress and rank0).say  # plain lines until the progress bar starts
+    torch.manual_seed(cfg.seed)
+    s = prepare.build(cfg, device=device, model=model, tokenizer=tokenizer, ref_model=ref_model,
+                      accelerator=acc, log=say)
+    ac = prepare.autocast(cfg, device)
+    params = [p for p in s.policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            weight_decay=cfg.weight_decay)
+    total = total_steps(cfg, len(s.items), world)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    ckpt_root = os.path.join(cfg.output, "checkpoints")
+
+    start, trainer_state = 0, {}
+    if resuming:
+        path = checkpoint.find_resume(ckpt_root, cfg.resume, warn=say)
+        if path is None:
+            say(f"no valid checkpoint in {ckpt_root}; starting from step 0")
+        else:
+            trainer_state = checkpoint.load(path, s.policy, opt, sched)
+            start = trainer_state["step"]
+            say(f"resumed from {path} (step {start})")
+    if rank0:
+        import yaml
+
+        with open(os.path.join(cfg.output, "config.yaml"), "w") as fh:
+            yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+    log = MetricsLog(cfg.output, rank0, cfg.tensorboard, resume_step=start if resuming else None)
+    alarm = BothDropAlarm(cfg.both_drop_threshold, trainer_state.get("alarm"))
+    console = Console(total, cfg.progress and rank0, start)
+
+    per_micro = cfg.batch_size
+    per_step = per_micro * cfg.grad_accum * world
+    kto = s.spec is not None and s.spec.kind == "unpaired"
+    history, stopped, nonfinite, done = [], "", trainer_state.get("nonfinite_in_row", 0), start
+    skipped_steps = trainer_state.get("skipped_steps", 0)
+
+    def save(step):
+        if rank0:
+            checkpoint.save(ckpt_root, step, s.policy, opt, sched,
+                            {"alarm": alarm.state(), "nonfinite_in_row": nonfinite, "skipped_steps": skipped_steps},
+                            cfg.keep_checkpoints)
+        if world > 1:
+            dist.barrier()
+
+    with _Stop() as stop:
+        for step in range(start, total):
+            t0 = time.time()
+            done = step + 1
+            idx = step_indices(len(s.items), step, per_step, cfg.seed)
+            step_items = [s.items[i] for i in idx]
+            # SFT normalises by completion tokens in the whole step; the others by examples.
+            denom = (sum(len(i.completion_ids) + 1 for i in step_items) if s.spec is None else per_step) / world
+            sums: dict = {}
+            loss_value = 0.0
+            for j in range(cfg.grad_accum):
+                lo = (j * world + acc.process_index) * per_micro
+                loss, m = micro_step(s, cfg, step_items[lo:lo + per_micro], ac)
+                (loss / denom).backward()
+                loss_value += loss.item() / denom
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            if world > 1:
+                _all_reduce_grads(params, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            sums["loss"] = loss_value * world  # _reduce sums over processes, then / world below
+            reduced = _reduce(sums, device, world)
+            record = _normalise({k: v for k, v in reduced.items() if k != "loss"}, per_step, kto)
+            record["loss"] = reduced["loss"] / world
+            finite = math.isfinite(record["loss"]) and math.isfinite(float(grad_norm))
+            if finite:
+                opt.step()
+                nonfinite = 0
+            else:
+                nonfinite += 1
+                skipped_steps += 1
+                rows = [f"{it.source}:{it.row}" for it in step_items]
+                console.say(f"step {step + 1}: non-finite loss or gradient; update skipped (rows {', '.join(rows[:8])})")
+                record["nonfinite/rows"] = rows
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            n_tokens = sum(len(i.prompt_ids) + len(getattr(i, "chosen_ids", getattr(i, "completion_ids", [])))
+                           + len(getattr(i, "rejected_ids", [])) for i in step_items)
+            dt = time.time() - t0
+            record.update({"step": step + 1, "epoch": (step + 1) * per_step / len(s.items),
+                           "lr": sched.get_last_lr()[0] if finite else opt.param_groups[0]["lr"],
+                           "grad_norm": float(grad_norm), "pairs_per_s": per_step / dt,
+                           "tokens_per_s": n_tokens / dt, "peak_memory_mb": peak_memory_mb(),
+                           "nonfinite/skipped_steps": skipped_steps})
+            if alarm.update(step + 1, record.get("logps/chosen_mean"), record.get("rewards/margins")):
+                record["alarm/both_drop"] = 1
+                console.say(f"step {step + 1}: BOTH-DROP ALARM: chosen log-prob/token fell "
+                            f"{alarm.start_chosen - record['logps/chosen_mean']:.2f} nats below its start while "
+                            f"the margin grew; DPO is pushing both responses down")
+                if cfg.both_drop_stop:
+                    stopped = "both-drop alarm"
+            if s.eval_items and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+                record.update({f"eval/{k}": v for k, v in evaluate.pair_metrics(s, cfg, ac).items()})
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                log.write(record)
+                history.append(record)
+                console.update(step + 1, record)
+            if nonfinite >= cfg.max_nonfinite:
+                stopped = f"{nonfinite} non-finite steps in a row"
+            if stop.signal:
+                stopped = f"signal {stop.signal}"
+            if stopped or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total):
+                save(step + 1)
+            if stopped:
+                break
+    console.close()
+    final_eval = {}
+    if not stopped and s.eval_items:
+        final_eval = evaluate.pair_metrics(s, cfg, ac)
+        log.write({"step": done, **{f"eval/{k}": v for k, v in final_eval.items()}})
+    log.close()
+    if cfg.save_every and not stopped:
+        save(done)
+    if rank0 and not stopped:
+        if cfg.save_model:
+            from prefalign.models import save_model
+
+            save_model(s.policy, s.tokenizer, os.path.join(cfg.output, "model"),
+                       os.path.join(cfg.output, "merged") if cfg.merge_lora else None)
+        report.plot_training(cfg.output)
+    if stopped.startswith(("signal", "both")):
+        console.say(f"stopped: {stopped}; checkpoint saved, continue with --resume auto")
+    elif stopped:
+        raise UserError(f"stopped after {stopped} (step {done}); checkpoint saved in {ckpt_root}. "
+                        f"Check the data rows logged above, lower --lr, or use --precision fp32")
+    return RunResult(cfg.output, done, history, final_eval, stopped, s.policy, s.tokenizer)
