@@ -47,7 +47,7 @@ def cmd_losses(args):
 
 
 def cmd_eval(args):
-    from prefalign.eval_cmd import run_eval
+    from prefalign.evaluate import run_eval
 
     run_eval(args)
 

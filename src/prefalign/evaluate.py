@@ -59,3 +59,30 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_ne
     kl = torch.cat(kls)
     return {"kl/sampled": kl.mean().item(), "kl/sampled_std": kl.std().item() if len(kl) > 1 else 0.0,
             "lengths/sampled": torch.cat(lengths).mean().item()}
+
+
+def run_eval(args) -> dict:
+    """`prefalign eval`: held-out metrics of a trained model against its reference."""
+    import json
+
+    from prefalign import config, report
+    from prefalign.errors import UserError
+
+    if not args.ref_model:
+        raise UserError("eval needs --ref-model: the implicit reward and the KL are measured against it")
+    cfg = config.build({"model": args.model, "ref_model": args.ref_model, "data": args.data, "loss": "dpo",
+                        "beta": args.beta, "reference": "copy", "batch_size": args.batch_size,
+                        "max_length": args.max_length, "progress": False}, where="eval")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    s = prepare.build(cfg, device=device)
+    ac = prepare.autocast(cfg, device)
+    out = pair_metrics(s, cfg, ac, items=s.items)
+    results = {"pairs": len(s.items), **{k: v for k, v in out.items() if not k.startswith("nll")}}
+    if args.samples:
+        prompts = [it.prompt_ids for it in s.items[:args.samples]]
+        results.update(sampled_kl(s.policy, s.reference, s.tokenizer, prompts, max_new_tokens=args.max_new_tokens))
+    report.print_table([{"metric": k, "value": v} for k, v in results.items()], title=f"eval {args.model}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results

@@ -1,0 +1,175 @@
+"""The offline loop: accumulation invariance, exact resume, LoRA and reference strategies,
+every loss through the loop, the CLI end to end with a reload in transformers."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefalign import config, logprobs, train
+from prefalign.cli import main
+from prefalign.losses import LOSSES
+from tiny import make_model, make_tokenizer
+
+WORDS = "the quick brown fox jumps over lazy dog answer question paris four five sea sky poem".split()
+
+
+def _text(rng, lo, hi):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def write_pairs(path, n=16, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            row = {"prompt": _text(rng, 2, 6) + " ?", "chosen": " " + _text(rng, 1, 5), "rejected": " " + _text(rng, 1, 5)}
+            if row["chosen"] == row["rejected"]:
+                row["rejected"] += " no"
+            fh.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    model_dir = d / "model"
+    make_model("llama", seed=0).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    return {"model": str(model_dir), "data": write_pairs(d / "pairs.jsonl", 16),
+            "eval": write_pairs(d / "eval.jsonl", 6, seed=1)}
+
+
+def cfg_for(run_files, out, **kw):
+    values = dict(model=run_files["model"], data=run_files["data"], output=str(out), lr=1e-3, lr_schedule="constant",
+                  max_steps=2, batch_size=4, max_length=64, progress=False, seed=0)
+    values.update(kw)
+    return config.build(values)
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model", "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def test_accumulation_invariance(run_files, tmp_path):
+    """8 pairs x 1 micro-batch == 2 pairs x 4 micro-batches: same loss, same weights after a step."""
+    a = train.train(cfg_for(run_files, tmp_path / "a", max_steps=1, batch_size=8, grad_accum=1))
+    b = train.train(cfg_for(run_files, tmp_path / "b", max_steps=1, batch_size=2, grad_accum=4))
+    assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-6)
+    assert a.history[0]["rewards/margins"] == pytest.approx(b.history[0]["rewards/margins"], abs=1e-7)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_step1_is_before_the_first_update(run_files, tmp_path):
+    """Step 1 logs the first batch's forward before any update: policy == reference, so rewards are 0."""
+    r = train.train(cfg_for(run_files, tmp_path / "o", max_steps=2))
+    first = r.history[0]
+    assert first["step"] == 1
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)  # -log sigmoid(0)
+    assert r.history[1]["rewards/margins"] != pytest.approx(0, abs=1e-7)
+    lines = [json.loads(x) for x in open(tmp_path / "o" / "metrics.jsonl")]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "logps/chosen_mean", "kl/pairs", "grad_norm", "lr",
+                "pairs_per_s", "tokens_per_s", "peak_memory_mb"):
+        assert key in lines[0], key
+    assert (tmp_path / "o" / "plots" / "loss.png").exists()
+
+
+def test_resume_equals_uninterrupted(run_files, tmp_path):
+    full = train.train(cfg_for(run_files, tmp_path / "full", max_steps=6, save_every=3))
+    part = train.train(cfg_for(run_files, tmp_path / "part", max_steps=6, save_every=3))
+    # Simulate a crash after step 3: drop everything past the step-3 checkpoint, then resume.
+    ckpts = sorted(os.listdir(tmp_path / "part" / "checkpoints"))
+    assert ckpts == ["step-000003", "step-000006"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-000006")
+    shutil.rmtree(tmp_path / "part" / "model")
+    resumed = train.train(cfg_for(run_files, tmp_path / "part", max_steps=6, save_every=3, resume="auto"))
+    assert [r["step"] for r in resumed.history] == [4, 5, 6]
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"), atol=0)
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "part" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert resumed.history[-1]["loss"] == full.history[-1]["loss"]
+
+
+def test_lora_trains_only_adapters_and_adapters_off_is_the_base(run_files, tmp_path):
+    base = make_model("llama", seed=0)
+    r = train.train(cfg_for(run_files, tmp_path / "lora", lora_r=4, max_steps=2, lr=1e-2))
+    policy = r.policy
+    assert r.history[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # adapters-off reference == start
+    for name, p in policy.named_parameters():
+        assert p.requires_grad == ("lora_" in name), name
+    changed = [n for n, p in policy.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert changed, "LoRA B matrices start at zero and must have moved"
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9, 10]])
+    mask = torch.ones_like(ids)
+    with policy.disable_adapter(), torch.no_grad():
+        off = logprobs.sequence_logps(policy, ids, mask, labels).sum
+    with torch.no_grad():
+        ref = logprobs.sequence_logps(base, ids, mask, labels).sum
+        on = logprobs.sequence_logps(policy, ids, mask, labels).sum
+    torch.testing.assert_close(off, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(on, ref, atol=1e-4)
+    assert os.path.isfile(tmp_path / "lora" / "model" / "adapter_model.safetensors")
+
+
+def test_precomputed_reference_equals_live(run_files, tmp_path):
+    live = train.train(cfg_for(run_files, tmp_path / "live", max_steps=3, reference="copy"))
+    pre = train.train(cfg_for(run_files, tmp_path / "pre", max_steps=3, reference="precomputed"))
+    for a, b in zip(live.history, pre.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    assert any(f.startswith("ref-") for f in os.listdir(tmp_path / "pre" / "ref_cache"))
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_trains(run_files, tmp_path, loss):
+    r = train.train(cfg_for(run_files, tmp_path / loss, loss=loss, max_steps=2, batch_size=4, save_model=False))
+    assert len(r.history) == 2
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r.history)
+    if LOSSES[loss].kind == "paired":
+        assert 0 <= r.history[-1]["rewards/accuracies"] <= 1
+
+
+def test_sft_loop_lowers_nll(run_files, tmp_path):
+    r = train.train(cfg_for(run_files, tmp_path / "sft", loss="sft", reference="auto", max_steps=8, lr=3e-3))
+    assert r.history[-1]["loss"] < r.history[0]["loss"]
+
+
+def test_cli_trains_and_the_model_reloads(run_files, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", "--model", run_files["model"], "--data", run_files["data"], "--eval-data", run_files["eval"],
+               "--output", str(out), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3", "--no-progress",
+               "--max-length", "64"])
+    assert rc == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    rebuilt = make_model("llama", seed=0)
+    rebuilt.load_state_dict(weights(out))  # the saved tensors, into a model we built ourselves
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9]])
+    with torch.no_grad():
+        a = logprobs.sequence_logps(reloaded, ids, torch.ones_like(ids), labels).sum
+        b = logprobs.sequence_logps(rebuilt, ids, torch.ones_like(ids), labels).sum
+        start = logprobs.sequence_logps(make_model("llama", seed=0), ids, torch.ones_like(ids), labels).sum
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert not torch.allclose(a, start, atol=1e-4), "the saved model must be the trained one"
+    # A second run into the same directory is refused without --overwrite, and the first is kept.
+    rc = main(["train", "--model", run_files["model"], "--data", run_files["data"], "--output", str(out),
+               "--max-steps", "1", "--no-progress"])
+    assert rc == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").exists()
