@@ -104,9 +104,6 @@ def test_hand_numbers_unpaired():
     expected = [1 / (1 + math.exp(0.2)), 2 / (1 + math.exp(0.15))]
     assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
     assert out.chosen_rewards.tolist() == pytest.approx([0.25, -0.1], rel=1e-12)
-    out = unpaired.bco(p, r, d, beta=0.5, delta=0.05)
-    # logits 0.25 - 0.05 = 0.2 (desirable), -0.1 - 0.05 = -0.15 (undesirable, label 0)
-    assert out.losses.tolist() == pytest.approx([lg1pe(-0.2), lg1pe(-0.15)], rel=1e-12)
 
 
 # -------------------------------------------------------------- (b) naive reference
@@ -173,17 +170,15 @@ def naive_batch(name, x, beta):
         w, l = x
         lo = lambda a: torch.log(torch.exp(a) / (1 - torch.exp(a)))  # noqa: E731
         return torch.stack([-beta * logsig(lo(w[i]) - lo(l[i])) for i in range(len(w))])
-    if name in ("kto", "bco"):
+    if name == "kto":
         p, r, d = x
         rows = []
         for i in range(len(p)):
             ri = p[i] - r[i]
-            if name == "kto" and d[i]:  # kl = 0.2, w_d = 1.5, w_u = 0.7
+            if d[i]:  # kl = 0.2, w_d = 1.5, w_u = 0.7
                 rows.append(1.5 * (1 - sig(beta * (ri - 0.2))))
-            elif name == "kto":
+            else:
                 rows.append(0.7 * (1 - sig(beta * (0.2 - ri))))
-            else:  # bco, delta = 0.3
-                rows.append(-logsig(beta * ri - 0.3) if d[i] else -logsig(0.3 - beta * ri))
         return torch.stack(rows)
     pc, pr, rc, rr = x
     f = NAIVE_PAIRED[name]
@@ -216,8 +211,6 @@ def call_impl(name, tensors, extra, beta):
     if name == "kto":
         kl = torch.tensor(0.2, dtype=torch.float64)
         return spec.fn(*tensors, *extra, kl, beta=beta, desirable_weight=1.5, undesirable_weight=0.7)
-    if name == "bco":
-        return spec.fn(*tensors, *extra, beta=beta, delta=torch.tensor(0.3, dtype=torch.float64))
     return spec.fn(*tensors, *extra, beta=beta, **NAIVE_HYPER.get(name, {}))
 
 
@@ -353,12 +346,10 @@ def test_kto_weights_and_validation():
         unpaired.kto(p, r, torch.tensor([1, 0]), torch.tensor(0.0))
 
 
-@pytest.mark.parametrize("fn", [pairwise.bco_pair, unpaired.bco])
-def test_bco_delta_not_differentiated(fn):
+def test_bco_pair_delta_not_differentiated():
     x = [t.requires_grad_() for t in rand_pairs(3, seed=4)]
     delta = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    args = x if fn is pairwise.bco_pair else [x[0], x[2], torch.tensor([True, False, True])]
-    out = fn(*args, delta=delta)
+    out = pairwise.bco_pair(*x, delta=delta)
     assert torch.autograd.grad(out.losses.sum(), delta, allow_unused=True)[0] is None
 
 
@@ -393,10 +384,13 @@ def test_orpo_log_odds_stable_near_zero_and_far():
     assert torch.isfinite(out.losses).all()
 
 
-def test_exo_and_robust_reject_bad_smoothing():
+def test_label_smoothing_ranges():
     x = rand_pairs(3)
     with pytest.raises(ValueError):
-        pairwise.exo_pair(*x, label_smoothing=0.0)
+        pairwise.exo_pair(*x, label_smoothing=1.0)
+    # 0 means the default eps = 1e-3 (a config's shared label_smoothing is 0 for dpo)
+    default = pairwise.exo_pair(*x).losses
+    torch.testing.assert_close(pairwise.exo_pair(*x, label_smoothing=0.0).losses, default)
     with pytest.raises(ValueError):
         pairwise.robust(*x, label_smoothing=0.5)
 

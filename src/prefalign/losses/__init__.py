@@ -10,7 +10,7 @@ input keys are
 
     paired, inputs "sum":   policy_chosen, policy_rejected[, ref_chosen, ref_rejected]
     paired, inputs "mean":  policy_chosen_avg, policy_rejected_avg[, ref_..._avg]
-    unpaired:               policy_logps, ref_logps, desirable, then kl (kto) / delta (bco)
+    unpaired (kto):         policy_logps, ref_logps, desirable, kl
 
 (the reference keys only when ``needs_reference``).
 """
@@ -91,7 +91,6 @@ LOSSES: dict[str, LossSpec] = {
     "simpo": _spec(pairwise.simpo, needs_reference=False, inputs="mean"),
     "orpo": _spec(pairwise.orpo, needs_reference=False, inputs="mean"),
     "kto": _spec(unpaired.kto, kind="unpaired"),
-    "bco": _spec(unpaired.bco, kind="unpaired"),
 }
 
 # Names other libraries use (TRL's loss_type values). They are valid keys of LOSSES too,
@@ -103,13 +102,13 @@ SFT = "sft"  # the chosen NLL term of `combined`; not a loss on its own
 
 _SUM_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 _MEAN_KEYS = ("policy_chosen_avg", "policy_rejected_avg", "ref_chosen_avg", "ref_rejected_avg")
-_UNPAIRED_KEYS = ("policy_logps", "ref_logps", "desirable")
+_UNPAIRED_KEYS = ("policy_logps", "ref_logps", "desirable", "kl")
 
 
 def input_keys(spec: LossSpec) -> tuple[str, ...]:
     """The names of the tensors ``spec.fn`` takes positionally, in order."""
     if spec.kind == "unpaired":
-        return _UNPAIRED_KEYS + (("kl",) if spec.name == "kto" else ())
+        return _UNPAIRED_KEYS
     keys = _SUM_KEYS if spec.inputs == "sum" else _MEAN_KEYS
     return keys if spec.needs_reference else keys[:2]
 

@@ -208,13 +208,15 @@ def exo_pair(
              = sig(x)(log sig(x) - log(1-eps)) + sig(-x)(log sig(-x) - log eps),  x = beta h
 
     Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment"
-    (eq. 16 with K = 2). Shapes: four [B] -> LossOutput of [B].
+    (eq. 16 with K = 2). label_smoothing = 0 means the default 1e-3 (TRL's convention),
+    so a config's shared label_smoothing of 0 (right for dpo) is safe here too.
+    Shapes: four [B] -> LossOutput of [B].
     """
-    if not 0.0 < label_smoothing < 1.0:
-        raise ValueError(f"exo_pair needs 0 < label_smoothing < 1, got {label_smoothing}")
+    eps = label_smoothing or 1e-3
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"exo_pair needs 0 <= label_smoothing < 1, got {label_smoothing}")
     rw, rl = logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     x = beta * (rw - rl)
-    eps = label_smoothing
     losses = torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
         F.logsigmoid(-x) - math.log(eps)
     )

@@ -12,7 +12,6 @@ rejected_rewards[~desirable] (a batch may hold only one kind).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .pairwise import LossOutput, check_batch
@@ -72,21 +71,3 @@ def kto(
     )
     return _unpaired_output(losses, beta, r)
 
-
-def bco(policy_logps, ref_logps, desirable, beta=0.1, delta=0.0):
-    """Unpaired BCO: a binary classifier with logit beta r - delta (desirable = 1).
-
-        desirable:   loss = -log sig(beta r - delta)
-        undesirable: loss = -log sig(-(beta r - delta))
-
-    Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment"
-    (without the optional underlying-distribution-matching density ratio). ``delta`` is
-    the running mean of the rewards beta*r, kept by the trainer and passed in (detached
-    here; 0 at the first step). Rewards as for ``kto``.
-    Shapes: [B], [B], bool [B] (+ scalar delta) -> LossOutput of [B].
-    """
-    r = _unpaired_logratios(policy_logps, ref_logps, desirable)
-    d = torch.as_tensor(delta, dtype=r.dtype, device=r.device).detach()
-    logit = beta * r - d
-    losses = -F.logsigmoid(torch.where(desirable, logit, -logit))
-    return _unpaired_output(losses, beta, r)
