@@ -1,0 +1,522 @@
+"""Reward functions, verifiers, reward models and an LM judge for the online methods.
+
+Every reward is called the same way, on a batch:
+
+    fn(prompts: list[str], completions: list[str], **extra_columns) -> list[float]
+
+extra_columns are the prompt rows' other fields (e.g. `answer=[...]`), one list entry per row.
+A function gets only the columns its signature names (all of them if it takes **kwargs).
+
+    reward = load_reward("my_rewards.py:score")          # or "pkg.module:score", "exact_answer", ...
+    scores = reward(prompts, completions, answer=answers)
+
+Wrapped in `Reward`, a function's output is checked: an exception, a wrong length, a NaN/inf or
+a non-number becomes a `UserError` that names the function and the row.
+
+Built-in specs for `load_reward`:
+    exact_answer        1 if the completion's final answer equals the `answer` column
+    format              1 if the completion is "<think>...</think> <answer>...</answer>"
+    format=PATTERN      1 if the whole (stripped) completion matches PATTERN
+    regex=PATTERN       1 if PATTERN occurs anywhere in the completion
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from prefalign.errors import UserError
+
+RewardFn = Callable[..., Sequence[float]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading by import path
+
+
+def load_reward(spec: str, weight: float = 1.0) -> "Reward":
+    """A reward from a spec: a built-in name, "module:function" or "path/to/file.py:function"."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"reward function spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec in BUILTINS:
+        return Reward(spec, BUILTINS[spec], weight)
+    for prefix, make in (("regex=", regex_reward), ("format=", format_reward)):
+        if spec.startswith(prefix):
+            try:
+                return Reward(spec, make(spec[len(prefix):]), weight)
+            except re.error as e:
+                raise UserError(f"reward function {spec!r}: bad regular expression: {e}") from None
+    return Reward(spec, _import_function(spec), weight)
+
+
+def _import_function(spec: str) -> Callable:
+    if ":" not in spec:
+        raise UserError(
+            f"reward function {spec!r}: expected 'module:function', 'path/to/file.py:function' "
+            f"or a built-in ({', '.join(sorted(BUILTINS))}, regex=PATTERN, format=PATTERN)"
+        )
+    target, name = spec.rsplit(":", 1)  # rsplit: a Windows path has a drive colon
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        if not os.path.isfile(target):
+            raise UserError(f"reward function {spec!r}: file not found: {target}")
+        # Load exactly that file, under a private module name: nothing on sys.path can shadow it,
+        # and its directory is not added to sys.path.
+        path = os.path.abspath(target)
+        mod_name = "prefalign_reward_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+        mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:
+            raise UserError(f"reward function {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise UserError(f"reward function {spec!r}: no module named {e.name!r}") from e
+        except Exception as e:
+            raise UserError(f"reward function {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
+    fn = getattr(module, name, None)
+    if fn is None:
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise UserError(f"reward function {spec!r}: {target} has no {name!r} (it has: {', '.join(found) or 'nothing callable'})")
+    if not callable(fn):
+        raise UserError(f"reward function {spec!r}: {name} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# A checked reward function, and weighted combinations
+
+
+@dataclass
+class Reward:
+    """A reward function with a name (for errors and metrics) and a weight (for combinations)."""
+
+    name: str
+    fn: RewardFn
+    weight: float = 1.0
+
+    def __call__(self, prompts: list[str], completions: list[str], **extra) -> list[float]:
+        return self.score(prompts, completions, extra)
+
+    def score(self, prompts, completions, extra: dict | None = None, rows: list[str] | None = None) -> list[float]:
+        """Call the function and check its output. rows: labels for error messages (default "row i")."""
+        extra = extra or {}
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        for k, v in extra.items():
+            if len(v) != len(prompts):
+                raise ValueError(f"column {k!r} has {len(v)} values for {len(prompts)} rows")
+        kwargs = self._kwargs(extra)
+        try:
+            out = self.fn(list(prompts), list(completions), **kwargs)
+        except UserError:
+            raise
+        except Exception as e:
+            where = self._failing_row(prompts, completions, kwargs, rows)
+            raise UserError(f"reward function {self.name} raised {type(e).__name__}: {e} ({where})") from e
+        return self._check(out, completions, rows)
+
+    def _kwargs(self, extra: dict) -> dict:
+        """The columns the function asks for; a required one the data lacks is a user error."""
+        try:
+            params = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):  # some builtins have no signature: give it everything
+            return dict(extra)
+        params = list(params)
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return dict(extra)
+        named = [p for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for p in named:
+            if p.default is p.empty and p.name not in extra:
+                have = ", ".join(sorted(extra)) or "none"
+                raise UserError(f"reward function {self.name} needs the column {p.name!r}, which the rows lack (columns: {have})")
+        return {p.name: extra[p.name] for p in named if p.name in extra}
+
+    def _failing_row(self, prompts, completions, kwargs, rows) -> str:
+        """Find the first row that fails on its own, to name it (only on the error path)."""
+        for i in range(len(prompts)):
+            try:
+                self.fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in kwargs.items()})
+            except Exception:
+                return _row_name(i, rows, completions)
+        return f"on a batch of {len(prompts)} rows; each row alone passed"
+
+    def _check(self, out, completions, rows) -> list[float]:
+        n = len(completions)
+        if isinstance(out, torch.Tensor) or type(out).__module__ == "numpy":
+            out = out.tolist() if getattr(out, "ndim", 0) == 1 else out
+        if not isinstance(out, (list, tuple)):
+            raise UserError(f"reward function {self.name} must return a list of {n} numbers, got {type(out).__name__}")
+        if len(out) != n:
+            raise UserError(f"reward function {self.name} returned {len(out)} values for {n} completions")
+        values = []
+        for i, v in enumerate(out):
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.item()
+            if type(v).__module__ == "numpy" and hasattr(v, "item"):
+                v = v.item()
+            if not isinstance(v, (int, float)):  # bool is an int: True/False read as 1/0
+                raise UserError(f"reward function {self.name} returned a non-number {v!r} ({_row_name(i, rows, completions)})")
+            v = float(v)
+            if not math.isfinite(v):
+                raise UserError(f"reward function {self.name} returned {v} ({_row_name(i, rows, completions)})")
+            values.append(v)
+        return values
+
+
+def _row_name(i: int, rows, completions) -> str:
+    head = completions[i][:60] + ("..." if len(completions[i]) > 60 else "")
+    where = rows[i] if rows else f"row {i + 1}"
+    return f"{where}, completion {head!r}"
+
+
+class RewardScores(NamedTuple):
+    total: list[float]                    # [N] weighted sum
+    components: dict[str, list[float]]    # name -> [N] unweighted, for metrics (rewards/<name>)
+
+
+@dataclass
+class CombinedReward:
+    """sum_k w_k * r_k(prompts, completions, ...). Each component is checked on its own."""
+
+    rewards: list[Reward] = field(default_factory=list)
+
+    def __post_init__(self):
+        seen = {}
+        for r in self.rewards:  # unique names, so metrics do not collide
+            seen[r.name] = seen.get(r.name, 0) + 1
+            if seen[r.name] > 1:
+                r.name = f"{r.name}#{seen[r.name]}"
+
+    def __call__(self, prompts, completions, **extra) -> list[float]:
+        return self.score(prompts, completions, extra).total
+
+    def score(self, prompts, completions, extra=None, rows=None) -> RewardScores:
+        total = [0.0] * len(completions)
+        components = {}
+        for r in self.rewards:
+            values = r.score(prompts, completions, extra, rows)
+            components[r.name] = values
+            total = [t + r.weight * v for t, v in zip(total, values)]
+        return RewardScores(total, components)
+
+
+def combine(rewards: Sequence, weights: Sequence[float] | None = None) -> CombinedReward:
+    """Combine specs, functions or Rewards with weights (default: each Reward's own, else 1)."""
+    if not rewards:
+        raise UserError("no reward function given")
+    if weights is not None and len(weights) != len(rewards):
+        raise UserError(f"{len(weights)} reward weights for {len(rewards)} reward functions")
+    out = []
+    for i, r in enumerate(rewards):
+        if isinstance(r, str):
+            r = load_reward(r)
+        elif not isinstance(r, Reward):
+            r = Reward(getattr(r, "__name__", f"reward{i}"), r)
+        else:
+            r = Reward(r.name, r.fn, r.weight)  # a copy: the weight below must not leak back
+        if weights is not None:
+            r.weight = float(weights[i])
+        out.append(r)
+    return CombinedReward(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in verifiers
+
+
+_NUM = r"-?\d[\d,]*(?:\.\d+)?"
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion, by the first convention that matches:
+    <answer>X</answer>, \\boxed{X}, "#### X" (GSM8K), "answer is X" / "Answer: X", else the last number.
+    """
+    m = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S)
+    if m:
+        return m[-1].strip()
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    m = re.findall(r"####\s*([^\n]+)", text)
+    if m:
+        return m[-1].strip()
+    m = re.findall(r"answer(?:\s+is|\s*:)\s*([^\n]+)", text, flags=re.I)
+    if m:
+        return m[-1].strip()
+    m = re.findall(_NUM, text)
+    return m[-1] if m else None
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):  # balanced braces: \boxed{\frac{1}{2}}
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def _normalize(ans: str) -> str:
+    ans = ans.strip().strip("$").strip().rstrip(".").strip()
+    if re.fullmatch(_NUM, ans):
+        ans = ans.replace(",", "")
+    return ans.lower()
+
+
+def answers_match(pred: str | None, gold) -> bool:
+    """Numbers compare by value (1,000 == 1000.0), anything else as normalized strings."""
+    if pred is None or gold is None:
+        return False
+    p, g = _normalize(pred), _normalize(str(gold))
+    try:
+        a, b = float(p), float(g)
+        return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+    except ValueError:
+        return p == g
+
+
+def exact_answer(prompts: list[str], completions: list[str], answer: list) -> list[float]:
+    """1.0 where the completion's final answer (see `extract_answer`) equals the `answer` column."""
+    return [float(answers_match(extract_answer(c), a)) for c, a in zip(completions, answer)]
+
+
+def regex_reward(pattern: str, flags: int = 0) -> RewardFn:
+    """1.0 where `pattern` occurs in the completion (re.search)."""
+    rx = re.compile(pattern, flags)
+
+    def regex_match(prompts, completions):
+        return [float(rx.search(c) is not None) for c in completions]
+
+    return regex_match
+
+
+DEFAULT_FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
+
+
+def format_reward(pattern: str = DEFAULT_FORMAT, flags: int = re.S) -> RewardFn:
+    """1.0 where the whole completion (stripped) matches `pattern` (re.fullmatch, DOTALL)."""
+    rx = re.compile(pattern, flags)
+
+    def format_check(prompts, completions):
+        return [float(rx.fullmatch(c.strip()) is not None) for c in completions]
+
+    return format_check
+
+
+BUILTINS: dict[str, RewardFn] = {"exact_answer": exact_answer, "format": format_reward()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward model
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+class RewardModel:
+    """Scores from an `AutoModelForSequenceClassification` (the value at the last token).
+
+    score = logits[:, 0] when the head has 1 label, logits[:, 1] - logits[:, 0] (the log-odds of
+    "good") when it has 2, logits[:, label_index] otherwise. The text is the tokenizer's chat
+    template over (user: prompt, assistant: completion) when it has one, else prompt + completion.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
+                 label_index: int | None = None, use_chat_template: bool | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        n_labels = model.config.num_labels
+        if label_index is None and n_labels > 2:
+            raise UserError(f"reward model has {n_labels} labels: say which one is the score (label_index)")
+        self.label_index = label_index
+        self.use_chat_template = bool(getattr(tokenizer, "chat_template", None)) if use_chat_template is None else use_chat_template
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        # HF's classification head pools the last token that is not pad_token_id: it must be set.
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.pad_id
+        self.pad_id = model.config.pad_token_id
+        self.__name__ = "reward_model"
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "RewardModel":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(path)
+        except OSError as e:
+            raise UserError(f"reward model {path!r} could not be loaded: {e}") from e
+        return cls(model, tok, **kwargs)
+
+    def _text(self, prompt: str, completion: str) -> str:
+        if self.use_chat_template:
+            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False)
+        return prompt + completion
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
+        texts = [self._text(p, c) for p, c in zip(prompts, completions)]
+        enc = self.tokenizer(texts, add_special_tokens=not self.use_chat_template,
+                             truncation=self.max_length is not None, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # similar lengths share a batch
+        scores = [0.0] * len(enc)
+        device = _device(self.model)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            L = max(len(enc[i]) for i in idx)
+            ids = torch.full((len(idx), L), self.pad_id, dtype=torch.long)  # right padding: natural positions
+            attn = torch.zeros((len(idx), L), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, :len(enc[i])] = torch.tensor(enc[i])
+                attn[r, :len(enc[i])] = 1
+            logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()  # [b, labels]
+            if self.label_index is not None:
+                s_ = logits[:, self.label_index]
+            elif logits.shape[-1] == 1:
+                s_ = logits[:, 0]
+            else:
+                s_ = logits[:, 1] - logits[:, 0]
+            for r, i in enumerate(idx):
+                scores[i] = float(s_[r])
+        return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairwise LM judge (AI feedback)
+
+
+DEFAULT_RUBRIC = """You are comparing two responses to the same prompt. \
+The better response is correct, helpful and concise.
+
+Prompt:
+{prompt}
+
+Response A:
+{a}
+
+Response B:
+{b}
+
+Which response is better? Answer with one letter, A or B.
+Answer:"""
+
+
+class JudgeVerdict(NamedTuple):
+    prob: list[float]     # [N] P(first better), averaged over both presentation orders
+    prob_ab: list[float]  # [N] P(first better) when shown as A
+    prob_ba: list[float]  # [N] P(first better) when shown as B
+    # position bias of the judge: mean(prob_ab) - mean(prob_ba) (0 for an unbiased judge)
+
+
+class PairwiseJudge:
+    """An LM asked which of two completions is better, read from its next-token log-probs.
+
+    For order (x shown as A, y as B): p_ab = sigmoid(logit("A") - logit("B")) = P(A) / (P(A) + P(B)).
+    The pair is also shown swapped: p_ba = sigmoid(logit("B") - logit("A")) with y as A.
+    P(x better than y) = (p_ab + p_ba) / 2, so a judge that always prefers the first slot scores
+    0.5, and P(x > y) + P(y > x) = 1 exactly.
+    """
+
+    def __init__(self, model, tokenizer, rubric: str = DEFAULT_RUBRIC, batch_size: int = 8,
+                 use_chat_template: bool | None = None):
+        for key in ("{prompt}", "{a}", "{b}"):
+            if key not in rubric:
+                raise UserError(f"judge rubric must contain {key} (it has the placeholders {{prompt}}, {{a}}, {{b}})")
+        self.model, self.tokenizer, self.rubric, self.batch_size = model.eval(), tokenizer, rubric, batch_size
+        self.use_chat_template = bool(getattr(tokenizer, "chat_template", None)) if use_chat_template is None else use_chat_template
+        # After "Answer:" the letter comes with a space; after a chat template's assistant header, without.
+        variants = ("A", " A") if self.use_chat_template else (" A", "A")
+        self.label_ids = None
+        for v in variants:
+            a = tokenizer.encode(v, add_special_tokens=False)
+            b = tokenizer.encode(v.replace("A", "B"), add_special_tokens=False)
+            if len(a) == 1 and len(b) == 1:
+                self.label_ids = (a[0], b[0])
+                break
+        if self.label_ids is None:
+            raise UserError("judge tokenizer has no single token for 'A' and 'B'; the judge reads their log-probs")
+
+    def _prompt(self, prompt, a, b) -> list[int]:
+        text = self.rubric.format(prompt=prompt, a=a, b=b)
+        if self.use_chat_template:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                      tokenize=True, add_generation_prompt=True, return_dict=False)
+        return self.tokenizer(text)["input_ids"]
+
+    @torch.inference_mode()
+    def _margins(self, token_lists: list[list[int]]) -> list[float]:
+        """logit(A) - logit(B) at the next position, for each prompt (left-padded batches)."""
+        from prefalign.online.generate import _forward_kwargs  # the same model-call conventions
+
+        fwd = _forward_kwargs(self.model)
+        device = _device(self.model)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        for s in range(0, len(token_lists), self.batch_size):
+            chunk = token_lists[s:s + self.batch_size]
+            L = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (L - len(t)) + t for t in chunk], device=device)
+            attn = torch.tensor([[0] * (L - len(t)) + [1] * len(t) for t in chunk], device=device)
+            kwargs = {"input_ids": ids, "attention_mask": attn}
+            if fwd["position_ids"]:
+                kwargs["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)
+            if fwd["logits_to_keep"]:
+                kwargs["logits_to_keep"] = 1
+            logits = self.model(**kwargs).logits[:, -1].float()                 # [b, V]
+            a, b = self.label_ids
+            out += (logits[:, a] - logits[:, b]).tolist()
+        return out
+
+    def compare(self, prompts: list[str], first: list[str], second: list[str]) -> JudgeVerdict:
+        """P(first[i] is better than second[i]) for each i, from both presentation orders."""
+        n = len(prompts)
+        toks = [self._prompt(p, x, y) for p, x, y in zip(prompts, first, second)]
+        toks += [self._prompt(p, y, x) for p, x, y in zip(prompts, first, second)]
+        m = self._margins(toks)
+        sig = lambda z: 1.0 / (1.0 + math.exp(-z))
+        p_ab = [sig(z) for z in m[:n]]        # first shown as A: P(A)
+        p_ba = [sig(-z) for z in m[n:]]       # first shown as B: P(B)
+        return JudgeVerdict([(x + y) / 2 for x, y in zip(p_ab, p_ba)], p_ab, p_ba)
+
+    def win_rates(self, prompts: list[str], completions: list[str], group_size: int) -> list[float]:
+        """[P*G] each completion's mean P(win) against the others of its group (round robin)."""
+        if len(completions) % group_size or len(prompts) != len(completions):
+            raise ValueError("win_rates needs P*G prompts and completions, grouped by prompt")
+        pairs = [(g0 + i, g0 + j) for g0 in range(0, len(completions), group_size)
+                 for i in range(group_size) for j in range(i + 1, group_size)]
+        if not pairs:
+            return [0.5] * len(completions)
+        v = self.compare([prompts[i] for i, _ in pairs], [completions[i] for i, _ in pairs],
+                         [completions[j] for _, j in pairs]).prob
+        wins = [0.0] * len(completions)
+        for (i, j), p in zip(pairs, v):
+            wins[i] += p
+            wins[j] += 1 - p
+        return [w / (group_size - 1) for w in wins]
+
+    def as_reward(self, column: str = "reference") -> RewardFn:
+        """A reward function: P(completion better than the row's `column` text)."""
+
+        def judge_vs_reference(prompts, completions, **extra):
+            if column not in extra:
+                raise UserError(f"the judge reward compares to the column {column!r}, which the rows lack")
+            return self.compare(prompts, completions, [str(r) for r in extra[column]]).prob
+
+        return judge_vs_reference
