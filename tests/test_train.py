@@ -44,7 +44,8 @@ def run_files(tmp_path_factory):
 
 def cfg_for(run_files, out, **kw):
     values = dict(model=run_files["model"], data=run_files["data"], output=str(out), lr=1e-3, lr_schedule="constant",
-                  max_steps=2, batch_size=4, max_length=64, progress=False, seed=0)
+                  max_steps=2, batch_size=4, max_length=64, progress=False, seed=0,
+                  packing=False)
     values.update(kw)
     return config.build(values)
 
