@@ -62,8 +62,11 @@ def _uses_means(spec: LossSpec, cfg) -> bool:
     return spec.inputs == "mean" or (spec.name == "ipo" and cfg.ipo_average_logps)
 
 
-def paired_loss(spec: LossSpec, cfg, policy: PairLogps, ref: PairLogps | None):
-    """(loss sum over the micro-batch, metric sums) for a paired loss."""
+def paired_loss(spec: LossSpec, cfg, policy: PairLogps, ref: PairLogps | None, state: dict | None = None):
+    """(loss sum over the micro-batch, metric sums) for a paired loss.
+
+    `state` carries what a loss keeps across steps: bco_pair's running mean reward delta
+    (the mean of all chosen and rejected rewards seen so far, as in the BCO paper)."""
     pc_mean = policy.chosen / policy.chosen_count
     pr_mean = policy.rejected / policy.rejected_count
     if _uses_means(spec, cfg):
@@ -73,7 +76,16 @@ def paired_loss(spec: LossSpec, cfg, policy: PairLogps, ref: PairLogps | None):
         pol = (policy.chosen, policy.rejected)
         refs = (ref.chosen, ref.rejected) if ref is not None else None
     args = pol + refs if spec.needs_reference else pol
-    out = spec.fn(*args, **loss_kwargs(spec, cfg))
+    kwargs = loss_kwargs(spec, cfg)
+    takes_delta = "delta" in inspect.signature(spec.fn).parameters
+    if takes_delta and state is not None:
+        seen = state.get("reward_count", 0)
+        kwargs["delta"] = torch.tensor(state["reward_sum"] / seen if seen else 0.0, device=args[0].device)
+    out = spec.fn(*args, **kwargs)
+    if takes_delta and state is not None and torch.is_grad_enabled():  # evaluation must not move it
+        rewards = torch.cat([out.chosen_rewards, out.rejected_rewards])
+        state["reward_sum"] = state.get("reward_sum", 0.0) + rewards.sum().item()
+        state["reward_count"] = state.get("reward_count", 0) + rewards.numel()
     loss = out.losses.sum()
     nll = -pc_mean  # [B] per-token NLL of the chosen completion
     if spec.name == "orpo":  # ORPO = NLL(chosen) + the odds-ratio term the loss returns

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,6 +76,7 @@ class Setup:
     items: list
     eval_items: list
     data_stats: dict
+    loss_state: dict = field(default_factory=dict)  # carried across steps and checkpoints (bco_pair's delta)
 
 
 def autocast(cfg: TrainConfig, device: torch.device):

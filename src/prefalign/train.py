@@ -133,7 +133,7 @@ def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac):
     ref = s.reference.pair_logps(items)
     if ref is not None:
         ref = objective.PairLogps(*(t.to(pol.chosen.device) for t in ref))
-    return objective.paired_loss(s.spec, cfg, pol, ref)
+    return objective.paired_loss(s.spec, cfg, pol, ref, s.loss_state)
 
 
 def kto_kl(s: prepare.Setup, prompts, comps, kw, ac) -> torch.Tensor:
@@ -205,6 +205,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         else:
             trainer_state = checkpoint.load(path, s.policy, opt, sched)
             start = trainer_state["step"]
+            s.loss_state.update(trainer_state.get("loss_state", {}))
             say(f"resumed from {path} (step {start})")
     if rank0:
         import yaml
@@ -224,7 +225,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     def save(step):
         if rank0:
             checkpoint.save(ckpt_root, step, s.policy, opt, sched,
-                            {"alarm": alarm.state(), "nonfinite_in_row": nonfinite, "skipped_steps": skipped_steps},
+                            {"alarm": alarm.state(), "nonfinite_in_row": nonfinite, "skipped_steps": skipped_steps,
+                             "loss_state": s.loss_state},
                             cfg.keep_checkpoints)
         if world > 1:
             dist.barrier()
