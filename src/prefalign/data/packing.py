@@ -1,0 +1,221 @@
+"""Prefix-shared, padding-free packing: each prompt is computed once, for all its completions.
+
+A pair becomes one segment [prompt | chosen | rejected]:
+
+    tokens     p0 p1 p2 | c0 c1 c2 c3 | r0 r1
+    positions   0  1  2 |  3  4  5  6 |  3  4       rejected restarts after the prompt
+    branch      0  0  0 |  1  1  1  1 |  2  2       0 = prompt, 1.. = completions
+
+A token attends to earlier tokens of its own segment that are in the prompt or in its
+own branch: rejected sees the prompt and earlier rejected tokens, never chosen. With
+the same positions, every completion token then sees exactly what it would see in
+its own unpacked row [prompt | completion], so its hidden state is the same.
+
+Targets: the first token of every branch is predicted from the last prompt position
+(p2 predicts c0 *and* r0); later tokens from the previous token of the same branch.
+
+Segments are laid side by side in rows of at most `token_budget` tokens (first-fit
+decreasing), block-diagonal: no segment sees another. Only the last columns of rows
+shorter than the longest row are padding. The same layout holds one completion per
+prompt (KTO, SFT) with `pack_completions`.
+
+Attention: transformers (5.x) hands a user-provided 4D mask to the attention
+implementation as-is (masking_utils._preprocess_mask_arguments). SDPA takes a bool
+mask (True = attend); eager *adds* the mask to the scores, so it gets 0 / -inf-like
+floats. `attention_mask_for(model, packed)` picks the right one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from prefalign.logprobs import SeqLogps, hidden_states, output_head, token_logps
+
+try:  # the tokenizer's dataclass; anything with prompt_ids/chosen_ids/rejected_ids works
+    from prefalign.data.tokenize import TokenizedPair  # noqa: F401
+except ImportError:  # pragma: no cover
+    TokenizedPair = None
+
+PAD_ID = 0  # input id of padding columns; they are masked and never scored, so any id works
+
+
+@dataclass
+class PackedBatch:
+    """Several segments [prompt | branch 1 | ... | branch K] per row, block-diagonal.
+
+    Output sequences are numbered seq = item * K + (branch - 1): for pairs (K = 2),
+    chosen of item i is 2i and rejected 2i + 1.
+    """
+
+    input_ids: Tensor  # [R, L] long
+    position_ids: Tensor  # [R, L] long, restart per segment and per branch after the prompt
+    segment_ids: Tensor  # [R, L] long, segment index within the row, -1 on padding
+    branch_ids: Tensor  # [R, L] long, 0 prompt, 1..K completion branch, -1 padding
+    src: Tensor  # [N] long, flat index (row * L + col) of the position that predicts each scored token
+    targets: Tensor  # [N] long, the scored token
+    seq: Tensor  # [N] long, output sequence of each scored token
+    num_items: int  # pairs (or prompts)
+    num_branches: int  # K: 2 for pairs, 1 for single completions
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int((self.segment_ids >= 0).sum())
+
+    def attention_mask(self, dtype: torch.dtype = torch.bool) -> Tensor:
+        """[R, 1, L, L] mask: bool (True = may attend) or additive float (0 or dtype's min)."""
+        seg, br = self.segment_ids, self.branch_ids
+        L = seg.shape[1]
+        same_segment = seg[:, :, None] == seg[:, None, :]  # [R, Lq, Lk]
+        causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()  # k <= q (row order)
+        visible_branch = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])  # key in prompt or own branch
+        allowed = same_segment & causal & visible_branch
+        # Padding (segment -1) matches itself as a "segment": it attends causally to other
+        # padding only, so no row is fully masked (fully masked rows give NaN in SDPA,
+        # and NaN * 0 would leak into gradients).
+        allowed = allowed[:, None]  # [R, 1, L, L]
+        if dtype == torch.bool:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def _segment(prompt: Sequence[int], branches: Sequence[Sequence[int]]):
+    """One segment's (ids, positions, branch ids, [(src offset, target, branch)])."""
+    p = len(prompt)
+    if p == 0:
+        raise ValueError("packing needs a non-empty prompt: the first completion token is predicted from its last token")
+    ids, pos, br, scored = list(prompt), list(range(p)), [0] * p, []
+    for k, completion in enumerate(branches, start=1):
+        start = len(ids)
+        ids += completion
+        pos += range(p, p + len(completion))
+        br += [k] * len(completion)
+        for j, tok in enumerate(completion):
+            # token j of the branch is predicted from the last prompt token (j = 0) or its predecessor
+            scored.append((p - 1 if j == 0 else start + j - 1, tok, k))
+    return ids, pos, br, scored
+
+
+def _pack(items: list[tuple[Sequence[int], list[Sequence[int]]]], token_budget: int) -> PackedBatch:
+    if not items:
+        raise ValueError("empty batch")
+    K = len(items[0][1])
+    lengths = [len(prompt) + sum(len(c) for c in branches) for prompt, branches in items]
+    too_long = [i for i, n in enumerate(lengths) if n > token_budget]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(
+            f"item {i} needs {lengths[i]} tokens (prompt + all completions), more than the token budget "
+            f"{token_budget}; raise token_budget or lower max_length"
+        )
+
+    # First-fit decreasing: longest segments first, each into the first row with room.
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(items)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(token_budget - lengths[i])
+
+    R, L = len(rows), max(token_budget - free for free in room)
+    input_ids = torch.full((R, L), PAD_ID, dtype=torch.long)
+    position_ids = torch.zeros((R, L), dtype=torch.long)
+    segment_ids = torch.full((R, L), -1, dtype=torch.long)
+    branch_ids = torch.full((R, L), -1, dtype=torch.long)
+    src, targets, seq = [], [], []
+    for r, row in enumerate(rows):
+        col = 0
+        for s, i in enumerate(row):
+            prompt, branches = items[i]
+            ids, pos, br, scored = _segment(prompt, branches)
+            n = len(ids)
+            input_ids[r, col : col + n] = torch.tensor(ids, dtype=torch.long)
+            position_ids[r, col : col + n] = torch.tensor(pos, dtype=torch.long)
+            segment_ids[r, col : col + n] = s
+            branch_ids[r, col : col + n] = torch.tensor(br, dtype=torch.long)
+            for offset, tok, k in scored:
+                src.append(r * L + col + offset)
+                targets.append(tok)
+                seq.append(i * K + k - 1)
+            col += n
+    # Padding positions: count up from 0 so absolute-position models (GPT-2) stay in range.
+    pad = segment_ids < 0
+    position_ids[pad] = (pad.cumsum(1) - 1)[pad]
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return PackedBatch(input_ids, position_ids, segment_ids, branch_ids, as_long(src), as_long(targets),
+                       as_long(seq), len(items), K)
+
+
+def pack_pairs(pairs, token_budget: int) -> PackedBatch:
+    """Pack TokenizedPair-like items (prompt_ids, chosen_ids, rejected_ids) into rows of <= token_budget."""
+    return _pack([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], token_budget)
+
+
+def pack_completions(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                     token_budget: int) -> PackedBatch:
+    """Pack (prompt, completion) items (KTO, SFT) the same way: one branch per segment."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    return _pack([(p, [c]) for p, c in zip(prompts, completions)], token_budget)
+
+
+def attention_mask_for(model, packed: PackedBatch) -> Tensor:
+    """The 4D mask in the form the model's attention implementation consumes."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return packed.attention_mask(torch.bool)
+    if impl == "eager":
+        # eager adds the mask to the scores: make it the dtype of the scores.
+        return packed.attention_mask(output_head(model).weight.dtype)
+    raise NotImplementedError(f"packed attention supports the 'sdpa' and 'eager' implementations, not {impl!r}")
+
+
+def _check_sliding_window(model, packed: PackedBatch) -> None:
+    # A user 4D mask replaces the model's own masks, sliding-window ones included. Our
+    # mask has no window, which is only exact while every segment fits in the window.
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if window and config is not None:
+        if getattr(config, "use_sliding_window", True) is False:
+            return
+        longest = int(packed.position_ids[packed.segment_ids >= 0].max()) + 1  # positions span prompt + branch
+        if longest > window:
+            raise NotImplementedError(
+                f"a segment is longer than the model's sliding window ({window}); packing does not model the window"
+            )
+
+
+def packed_logps(model, packed: PackedBatch, chunk_size: int | None = None) -> SeqLogps:
+    """Summed log-probs and counts of every output sequence: SeqLogps([num_items * K], [num_items * K])."""
+    base = model.get_base_model() if hasattr(model, "peft_config") else model  # PEFT: the config lives here
+    _check_sliding_window(base, packed)
+    dev = next(base.parameters()).device
+    mask = attention_mask_for(base, packed).to(dev)  # [R, 1, L, L]
+    hidden = hidden_states(model, packed.input_ids.to(dev), mask, packed.position_ids.to(dev))  # [R, L, H]
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [R * L, H]
+    # Only the predicting positions of scored tokens reach the head.
+    lp = token_logps(flat[packed.src.to(dev)], output_head(model), packed.targets.to(dev), chunk_size)  # [N] fp32
+    S = packed.num_items * packed.num_branches
+    seq = packed.seq.to(dev)
+    total = torch.zeros(S, dtype=torch.float32, device=dev).index_add(0, seq, lp)
+    count = torch.zeros(S, dtype=torch.long, device=dev).index_add(0, seq, torch.ones_like(seq))
+    return SeqLogps(total, count)
+
+
+def packed_pair_logps(model, packed: PackedBatch, chunk_size: int | None = None) -> tuple[SeqLogps, SeqLogps]:
+    """(chosen, rejected) SeqLogps, each [num_pairs], in the order the pairs were given."""
+    if packed.num_branches != 2:
+        raise ValueError(f"expected a batch of pairs (2 branches), got {packed.num_branches}")
+    out = packed_logps(model, packed, chunk_size)
+    return SeqLogps(out.sum[0::2], out.count[0::2]), SeqLogps(out.sum[1::2], out.count[1::2])
