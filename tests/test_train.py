@@ -60,10 +60,11 @@ def assert_same_weights(a, b, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
-def test_accumulation_invariance(run_files, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_accumulation_invariance(run_files, tmp_path, packing):
     """8 pairs x 1 micro-batch == 2 pairs x 4 micro-batches: same loss, same weights after a step."""
-    a = train.train(cfg_for(run_files, tmp_path / "a", max_steps=1, batch_size=8, grad_accum=1))
-    b = train.train(cfg_for(run_files, tmp_path / "b", max_steps=1, batch_size=2, grad_accum=4))
+    a = train.train(cfg_for(run_files, tmp_path / "a", max_steps=1, batch_size=8, grad_accum=1, packing=packing))
+    b = train.train(cfg_for(run_files, tmp_path / "b", max_steps=1, batch_size=2, grad_accum=4, packing=packing))
     assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-6)
     assert a.history[0]["rewards/margins"] == pytest.approx(b.history[0]["rewards/margins"], abs=1e-7)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
@@ -134,9 +135,21 @@ def test_precomputed_reference_equals_live(run_files, tmp_path):
     assert any(f.startswith("ref-") for f in os.listdir(tmp_path / "pre" / "ref_cache"))
 
 
+def test_packed_step_equals_padded_step(run_files, tmp_path):
+    """Prefix-shared packing changes the layout, not the math: same loss and weights after 2 steps."""
+    a = train.train(cfg_for(run_files, tmp_path / "pad", max_steps=2, packing=False))
+    b = train.train(cfg_for(run_files, tmp_path / "pack", max_steps=2, packing=True, token_budget=96))
+    for x, y in zip(a.history, b.history):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["logps/chosen"] == pytest.approx(y["logps/chosen"], rel=1e-5)
+    assert_same_weights(weights(tmp_path / "pad"), weights(tmp_path / "pack"), atol=1e-5)
+
+
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains(run_files, tmp_path, loss):
-    r = train.train(cfg_for(run_files, tmp_path / loss, loss=loss, max_steps=2, batch_size=4, save_model=False))
+    # packing on: KTO's unpaired rows and the pairs both go through the packed path
+    r = train.train(cfg_for(run_files, tmp_path / loss, loss=loss, max_steps=2, batch_size=4, save_model=False,
+                            packing=True))
     assert len(r.history) == 2
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r.history)
     if LOSSES[loss].kind == "paired":

@@ -43,8 +43,13 @@ def pair_logps(model, items, *, pad_id: int, packing: bool, token_budget: int, c
 
 
 def completion_logps(model, prompts: list[list[int]], completions: list[list[int]], *, pad_id: int,
-                     chunk_size: int) -> logprobs.SeqLogps:
-    """Summed log-probs of single completions (SFT, KTO, GRPO)."""
+                     chunk_size: int, packing: bool = False, token_budget: int = 0) -> logprobs.SeqLogps:
+    """Summed log-probs of single completions (SFT, KTO, GRPO), packed or padded."""
+    if packing:
+        from prefalign.data.packing import pack_completions, packed_logps
+
+        budget = token_budget or max(len(p) + len(c) for p, c in zip(prompts, completions))
+        return packed_logps(model, pack_completions(prompts, completions, budget), chunk_size=chunk_size or None)
     batch = pad_sequences(prompts, completions, pad_id)
     return logprobs.sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels,
                                    chunk_size=chunk_size or None)

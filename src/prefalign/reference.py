@@ -63,8 +63,7 @@ class ModelReference(Reference):
 
     def completion_logps(self, prompts, completions):
         with self._mode():
-            return objective.completion_logps(self.model, prompts, completions, pad_id=self.kw["pad_id"],
-                                              chunk_size=self.kw["chunk_size"])
+            return objective.completion_logps(self.model, prompts, completions, **self.kw)
 
 
 def pair_key(item) -> tuple:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -76,11 +78,28 @@ def _check_output(cfg: TrainConfig, resuming: bool) -> None:
                         f"to replace it")
 
 
+# Launchers that shard the model (FSDP) or own the backward pass (DeepSpeed). The loop computes
+# log-probs from the base model's hidden states and all-reduces gradients itself, so under them it
+# would not train what it says: refuse instead (docs/distributed.md).
+_SHARDED_LAUNCHERS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def _check_launcher() -> None:
+    for var, name in _SHARDED_LAUNCHERS.items():
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            raise UserError(f"launched under {name} ({var}), which prefalign does not support yet: it computes "
+                            f"log-probs outside the wrapper and averages gradients itself, so a sharded model "
+                            f"would train wrongly. Use the DDP config (configs/accelerate/ddp.yaml) or "
+                            f"--num-processes; see docs/distributed.md")
+
+
 class _Stop:
-    """SIGINT/SIGTERM ask for a clean stop: the loop finishes its step, saves, and exits."""
+    """SIGINT/SIGTERM ask for a clean stop: the loop finishes its step, saves, and exits.
+    A second signal stops at once (KeyboardInterrupt), for a user who really means it."""
 
     def __init__(self):
         self.signal = None
+        self.signum = 0
         self.old = {}
 
     def __enter__(self):
@@ -92,7 +111,19 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        self.signum = signum
+
+    def agreed(self, device, world: int) -> int:
+        """The signal number if any process got one. A signal may reach only some ranks; all
+        must stop at the same step, or the others would wait forever in the next all_reduce."""
+        if world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.float64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
     def __exit__(self, *exc):
         for s, h in self.old.items():
@@ -113,7 +144,8 @@ def _all_reduce_grads(params, world: int) -> None:
 
 def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac):
     """Forward one micro-batch: (loss summed over its examples, metric sums)."""
-    kw = dict(pad_id=s.tokenizer.pad_token_id, chunk_size=cfg.chunk_size)
+    kw = dict(pad_id=s.tokenizer.pad_token_id, chunk_size=cfg.chunk_size, packing=cfg.packing,
+              token_budget=cfg.token_budget)
     if s.spec is None:  # SFT
         with ac():
             pol = objective.completion_logps(s.policy, [i.prompt_ids for i in items],
@@ -129,7 +161,7 @@ def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac):
         kl = kto_kl(s, prompts, comps, kw, ac)
         return objective.kto_loss(s.spec, cfg, pol, ref, desirable, kl)
     with ac():
-        pol = objective.pair_logps(s.policy, items, packing=cfg.packing, token_budget=cfg.token_budget, **kw)
+        pol = objective.pair_logps(s.policy, items, **kw)
     ref = s.reference.pair_logps(items)
     if ref is not None:
         ref = objective.PairLogps(*(t.to(pol.chosen.device) for t in ref))
@@ -181,11 +213,16 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
 
     resuming = bool(cfg.resume)
     _check_output(cfg, resuming)
+    _check_launcher()
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rank0, world, device = acc.is_main_process, acc.num_processes, acc.device
     if rank0:
         os.makedirs(cfg.output, exist_ok=True)
-    say = Console(0, cfg.progress and rank0).say  # plain lines until the progress bar starts
+
+    def say(msg):  # plain lines until the progress bar starts; messages print even under --no-progress
+        if rank0:
+            print(msg, file=sys.stderr, flush=True)
+
     torch.manual_seed(cfg.seed)
     s = prepare.build(cfg, device=device, model=model, tokenizer=tokenizer, ref_model=ref_model,
                       accelerator=acc, log=say)
@@ -207,6 +244,10 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             start = trainer_state["step"]
             s.loss_state.update(trainer_state.get("loss_state", {}))
             say(f"resumed from {path} (step {start})")
+    elif rank0 and os.path.isdir(ckpt_root):
+        # --overwrite: the old run's checkpoints must go, or a later --resume auto would continue
+        # the old run. Only now, after the new run's data and model loaded without error.
+        shutil.rmtree(ckpt_root)
     if rank0:
         import yaml
 
@@ -214,7 +255,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
     log = MetricsLog(cfg.output, rank0, cfg.tensorboard, resume_step=start if resuming else None)
     alarm = BothDropAlarm(cfg.both_drop_threshold, trainer_state.get("alarm"))
-    console = Console(total, cfg.progress and rank0, start)
+    console = Console(total, cfg.progress and rank0, start, messages=rank0)
 
     per_micro = cfg.batch_size
     per_step = per_micro * cfg.grad_accum * world
@@ -251,7 +292,9 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             if world > 1:
                 _all_reduce_grads(params, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            sums["loss"] = loss_value * world  # _reduce sums over processes, then / world below
+            # Each process's loss_value is its share scaled by world/denominator: the sum over
+            # processes (in _reduce) divided by world is the step's mean loss.
+            sums["loss"] = loss_value
             reduced = _reduce(sums, device, world)
             record = _normalise({k: v for k, v in reduced.items() if k != "loss"}, per_step, kto)
             record["loss"] = reduced["loss"] / world
@@ -284,14 +327,16 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
                     stopped = "both-drop alarm"
             if s.eval_items and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                 record.update({f"eval/{k}": v for k, v in evaluate.pair_metrics(s, cfg, ac).items()})
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            # A skipped step is always logged, whatever log_every says: its rows are the evidence.
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total or not finite:
                 log.write(record)
                 history.append(record)
                 console.update(step + 1, record)
             if nonfinite >= cfg.max_nonfinite:
                 stopped = f"{nonfinite} non-finite steps in a row"
-            if stop.signal:
-                stopped = f"signal {stop.signal}"
+            signum = stop.agreed(device, world)
+            if signum:
+                stopped = f"signal {signal.Signals(signum).name}"
             if stopped or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total):
                 save(step + 1)
             if stopped:
@@ -312,7 +357,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
                        os.path.join(cfg.output, "merged") if cfg.merge_lora else None)
         report.plot_training(cfg.output)
     if stopped.startswith(("signal", "both")):
-        console.say(f"stopped: {stopped}; checkpoint saved, continue with --resume auto")
+        console.say(f"stopped at step {done}: {stopped}; checkpoint saved in {ckpt_root}, "
+                    f"continue with --resume auto")
     elif stopped:
         raise UserError(f"stopped after {stopped} (step {done}); checkpoint saved in {ckpt_root}. "
                         f"Check the data rows logged above, lower --lr, or use --precision fp32")
