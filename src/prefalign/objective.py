@@ -16,6 +16,7 @@ import torch
 
 from prefalign import logprobs
 from prefalign.data.batching import pad_pairs, pad_sequences
+from prefalign.errors import UserError
 from prefalign.losses import LossSpec
 
 
@@ -31,7 +32,11 @@ def pair_logps(model, items, *, pad_id: int, packing: bool, token_budget: int, c
     if packing:
         from prefalign.data.packing import pack_pairs, packed_pair_logps
 
-        budget = token_budget or max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in items)
+        longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in items)
+        if token_budget and longest > token_budget:
+            raise UserError(f"token_budget {token_budget} is smaller than one packed pair ({longest} tokens: "
+                            f"prompt + chosen + rejected); raise --token-budget or leave it at 0")
+        budget = token_budget or longest
         packed = pack_pairs(items, budget)
         c, r = packed_pair_logps(model, packed, chunk_size=chunk_size or None)
         return PairLogps(c.sum, r.sum, c.count, r.count)
