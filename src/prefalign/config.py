@@ -61,7 +61,7 @@ class TrainConfig:
     max_prompt_length: int = _f(0, "max prompt tokens (0 = half of --max-length)")
     on_bad_row: str = _f("error", "a bad data row stops the run, or is skipped and written to rejects.jsonl", ["error", "skip"])
     packing: bool = _f(True, "pack pairs into rows with a shared prompt (no padding); off = padded batches")
-    token_budget: int = _f(0, "tokens per packed row (0 = max(--max-length, longest pair))")
+    token_budget: int = _f(0, "tokens per packed row (0 = the longest pair of the micro-batch)")
     # the reference
     reference: str = _f("auto", "reference strategy (auto: copy, adapters-off with LoRA, none when the loss needs none)",
                         ["auto", "copy", "adapters-off", "precomputed", "none"])
