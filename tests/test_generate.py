@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from prefalign.errors import UserError
-from prefalign.online.generate import Generations, SamplingConfig, generate
+from prefalign.online.generate import Generations, SamplingConfig, _sample, generate
 import transformers as tf
 from tiny_lms import llama_config, tiny_lm
 
@@ -144,6 +144,37 @@ def test_top_k_restricts_support(tok):
         top3 = set(model(torch.tensor([PROMPTS[0]])).logits[0, -1].topk(3).indices.tolist())
     firsts = {t[0] for t in g.token_ids}
     assert firsts <= top3 and len(firsts) > 1
+
+
+def nucleus(logits, top_k, top_p):
+    """The filtered distribution, naively: top-k, then the smallest most-likely set with mass >= top_p."""
+    p = torch.softmax(logits.double(), -1)
+    if top_k:
+        p = torch.where(p >= p.topk(top_k).values[-1], p, 0)
+        p = p / p.sum()
+    keep, mass = torch.zeros_like(p, dtype=torch.bool), 0.0
+    for i in p.argsort(descending=True).tolist():
+        if mass > top_p:
+            break
+        keep[i], mass = True, mass + p[i].item()
+    p = torch.where(keep, p, 0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("scale, top_k, top_p", [(4.0, 0, 0.9), (0.3, 0, 0.9), (1.0, 20, 0.8), (1.0, 0, 1.0)])
+def test_sampling_frequencies_match_the_filtered_distribution(scale, top_k, top_p):
+    """Peaked logits take the top-64 shortcut for top-p, flat ones the full sort: both must be exact."""
+    torch.manual_seed(0)
+    V, N = 200, 40000
+    logits = torch.randn(V) * scale
+    want = nucleus(logits, top_k, top_p)
+    cfg = SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p)
+    gen = torch.Generator().manual_seed(1)
+    tok, lp = _sample(logits.expand(N, V).clone(), cfg, gen, torch.arange(N), N)
+    freq = torch.bincount(tok, minlength=V).double() / N
+    assert set(tok.tolist()) <= set(want.nonzero().flatten().tolist())
+    assert (freq - want).abs().max() < 0.01
+    torch.testing.assert_close(lp.double(), want[tok].log(), atol=1e-5, rtol=0)
 
 
 def test_finished_rows_do_not_change_the_others(tok):

@@ -250,24 +250,36 @@ def _sample(logits, cfg, gen, rows, B):
     if cfg.greedy:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-    logits = logits / cfg.temperature
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
     V = logits.shape[-1]
+    # Work in the space of candidate tokens: the top k (sorted), the most likely tokens (top-p), or
+    # the whole vocabulary. probs [b, K] are candidate probabilities; ids [b, K] map a candidate back
+    # to its token id (None: the identity).
     if 0 < cfg.top_k < V:
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]            # [b, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        vals, ids = torch.topk(logits, cfg.top_k, dim=-1)                      # [b, K], descending
+        probs = torch.softmax(vals, dim=-1)                                     # top-p (if any) acts on these
+    elif cfg.top_p < 1.0:
+        full = torch.softmax(logits, dim=-1)                                    # [b, V]
+        # A trained LM's nucleus is usually a few dozen tokens: try the top 64 (cheap) and sort
+        # the whole vocabulary only when they do not cover top_p for every row.
+        probs, ids = torch.topk(full, min(64, V), dim=-1)
+        if not bool((probs.sum(-1) > cfg.top_p).all()):
+            probs, ids = torch.sort(full, dim=-1, descending=True)             # [b, V]
+    else:
+        probs, ids = torch.softmax(logits, dim=-1), None
     if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens strictly more likely already cover top_p; the top one always stays.
+        # Drop a candidate when the more likely ones already cover top_p; the top one always stays.
         drop = (probs.cumsum(-1) - probs) > cfg.top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    logp = torch.log_softmax(logits, dim=-1)                                    # [b, V]
-    # Exponential race: argmax p / E, E ~ Exp(1), is an exact draw from p. Noise is drawn for all B
-    # original rows and indexed, so a row's draw does not depend on which other rows are still alive.
-    noise = torch.empty((B, V), device=logits.device).exponential_(generator=gen)[rows]
-    tok = (logp - noise.log()).argmax(-1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    # Exponential race: argmax p / E with E ~ Exp(1) is an exact draw from p. Noise is drawn for all
+    # B original rows and indexed, so a row's draw does not depend on which other rows are alive.
+    noise = torch.empty((B, probs.shape[-1]), device=probs.device).exponential_(generator=gen)[rows]
+    choice = (probs / noise).argmax(-1)                                         # [b]
+    logp = probs.gather(-1, choice[:, None]).squeeze(-1).log()
+    tok = choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+    return tok, logp
 
 
 def _forward_kwargs(model) -> dict:
