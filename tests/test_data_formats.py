@@ -267,3 +267,18 @@ def test_bad_options(tmp_path):
     path = write(tmp_path, "d.jsonl", [PAIR])
     assert "did you mean 'paired'" in error_of(path, kind="pairs")
     assert "did you mean 'skip'" in error_of(path, on_bad_row="skipp")
+
+
+def test_sft_rows_need_no_label(tmp_path):
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "5", "label": False}]
+    path = write(tmp_path, "sft.jsonl", "\n".join(json.dumps(r) for r in rows))
+    res = load_examples(path, kind="sft")
+    assert res.kind == "sft" and [e.label for e in res.examples] == [True, False]
+    with pytest.raises(UserError, match="label"):
+        load_examples(path, kind="unpaired")  # KTO still insists on explicit labels
+
+
+def test_sft_kind_reads_pairs_as_pairs(tmp_path):
+    path = write(tmp_path, "p.jsonl", json.dumps({"prompt": "q", "chosen": " a", "rejected": " b"}))
+    res = load_examples(path, kind="sft")
+    assert res.kind == "paired" and res.examples[0].chosen == " a"

@@ -39,7 +39,7 @@ def max_prompt_length(cfg: TrainConfig) -> int:
 
 def load_items(cfg: TrainConfig, tokenizer, path: str, kind: str, rejects_path: str | None, log=print):
     """Read, validate and tokenize a data file into items for `kind` (paired | unpaired | sft)."""
-    want = {"paired": "paired", "unpaired": "auto", "sft": "auto"}[kind]
+    want = {"paired": "paired", "unpaired": "auto", "sft": "sft"}[kind]
     loaded = load_examples(path, kind=want, on_bad_row=cfg.on_bad_row, rejects_path=rejects_path,
                            split=cfg.data_split)
     examples = loaded.examples
@@ -48,12 +48,10 @@ def load_items(cfg: TrainConfig, tokenizer, path: str, kind: str, rejects_path: 
     elif kind == "unpaired" and loaded.kind != "unpaired":
         raise UserError(f"{path}: loss {cfg.loss} needs unpaired rows (prompt, completion, label) or pairs; "
                         f"found {loaded.kind} rows")
-    elif kind == "sft" and loaded.kind == "paired":
-        examples = [e for e in pairs_to_unpaired(examples) if e.label]  # SFT on the chosen side
-    elif kind == "sft" and loaded.kind == "unpaired":
-        examples = [e for e in examples if e.label]
-    elif kind == "sft" and loaded.kind != "unpaired":
-        raise UserError(f"{path}: sft needs prompt/completion rows or preference pairs; found {loaded.kind} rows")
+    elif kind == "sft":
+        if loaded.kind == "paired":
+            examples = pairs_to_unpaired(examples)
+        examples = [e for e in examples if e.label]  # SFT imitates the good side only
     result = tokenize_examples(examples, tokenizer, max_length=cfg.max_length,
                                max_prompt_length=max_prompt_length(cfg), on_bad_row=cfg.on_bad_row,
                                rejects_path=rejects_path)
@@ -105,6 +103,8 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
     spec = loss_spec(cfg)
     strategy = reference_strategy(cfg, spec)
     if tokenizer is None:
+        if model is None and not cfg.tokenizer:  # name --model, not the tokenizer, when the path is wrong
+            models._check_source(cfg.model, "model")
         tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     kind = data_kind(spec)
     rejects = os.path.join(cfg.output, "rejects.jsonl") if cfg.output else None

@@ -50,12 +50,12 @@ from typing import Any, NamedTuple
 from prefalign.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
-KINDS = ("auto", "paired", "unpaired", "prompt")
+KINDS = ("auto", "paired", "unpaired", "prompt", "sft")
 ON_BAD_ROW = ("error", "skip")
 _READERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet",
             ".csv": "csv"}
 _FIELDS = {"paired": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
-           "prompt": ("prompt",)}
+           "prompt": ("prompt",), "sft": ("prompt", "completion")}
 # Names other datasets use for our fields; only ever used to suggest a rename, never to guess.
 _ALIASES = {
     "question": "prompt", "instruction": "prompt", "query": "prompt", "input": "prompt", "context": "prompt",
@@ -464,14 +464,21 @@ def _label(value, from_csv: bool) -> bool:
                           "from 'yes'/'no', 1/0 or scores: convert them to booleans first")
 
 
-def _unpaired(data: dict, rec: Record) -> UnpairedExample:
+def _unpaired(data: dict, rec: Record, label_required: bool = True) -> UnpairedExample:
     prompt = _text_or_messages(_require(data, "prompt"), "prompt")
     completion = _text_or_messages(_require(data, "completion"), "completion")
     if _style(prompt) != _style(completion):
         raise BadRow("completion", f"the prompt is {_type_name(prompt)} but the completion is "
                                    f"{_type_name(completion)}; both must be text or both conversations")
+    if not label_required and "label" not in data:
+        return UnpairedExample(prompt, completion, True, rec.source, rec.row)
     label = _label(_require(data, "label"), rec.source.lower().endswith(".csv"))
     return UnpairedExample(prompt, completion, label, rec.source, rec.row)
+
+
+def _sft(data: dict, rec: Record) -> UnpairedExample:
+    """SFT rows: prompt + completion; a label is optional (rows labelled false are not trained on)."""
+    return _unpaired(data, rec, label_required=False)
 
 
 def _prompt_only(data: dict, rec: Record) -> PromptExample:
@@ -479,7 +486,7 @@ def _prompt_only(data: dict, rec: Record) -> PromptExample:
     return PromptExample(prompt, rec.source, rec.row, {k: v for k, v in data.items() if k != "prompt"})
 
 
-_NORMALIZE = {"paired": _paired, "unpaired": _unpaired, "prompt": _prompt_only}
+_NORMALIZE = {"paired": _paired, "unpaired": _unpaired, "prompt": _prompt_only, "sft": _sft}
 
 
 def _example(rec: Record, kind: str):
@@ -487,13 +494,15 @@ def _example(rec: Record, kind: str):
     if isinstance(rec.data, _Broken):
         raise BadRow(None, rec.data.reason)
     detected = _detect(rec.data)
+    if kind == "sft" and detected == "paired":
+        kind = "paired"  # SFT on preference data trains on the chosen side
     if kind == "auto":
         if detected is None:
             hints = "".join(_suggest(f, rec.data.keys()) for f in _FIELDS["paired"] + _FIELDS["unpaired"][1:])
             raise BadRow(None, f"no known fields (the row has {', '.join(map(str, rec.data)) or 'none'}){hints}; "
                                "expected prompt/chosen/rejected, prompt/completion/label or prompt")
         kind = detected
-    elif detected in ("paired", "unpaired") and detected != kind and kind != "prompt":
+    elif detected in ("paired", "unpaired") and detected != kind and kind not in ("prompt", "sft"):
         # (kind=prompt accepts any row with a prompt: preference data can feed online methods)
         raise BadRow(None, f"this row is {detected} data ({', '.join(_FIELDS[detected][1:])}) but kind={kind} "
                            f"expects {', '.join(_FIELDS[kind])}" +
