@@ -59,7 +59,11 @@ def save(root: str, step: int, model, optimizer, scheduler, trainer_state: dict,
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Half-written checkpoints of a killed run are never read (list_checkpoints skips them);
+    # only one process writes here, so any temporary directory left is garbage.
+    for d in os.listdir(root):
+        if d.startswith(".tmp-step-"):
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     os.makedirs(tmp)
     save_file(trainable_state(model), os.path.join(tmp, "weights.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},

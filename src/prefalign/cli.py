@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 
 from prefalign.errors import UserError
@@ -16,15 +19,61 @@ def _train_parser(sub, name: str, help: str):
 
     p = sub.add_parser(name, help=help, description=TRAIN_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML file of config keys")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (re-runs this command through "
+                        "`accelerate launch`; pairs/step = batch x accum x N)")
     config.add_flags(p)
     return p
+
+
+def _launched() -> bool:
+    """True inside a process started by accelerate launch / torchrun (they set WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def _strip_num_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            out.append(a)
+    return out
+
+
+def relaunch(argv: list[str], n: int) -> int:
+    """Run this same command on n processes through accelerate's launcher (torchrun underneath;
+    on a machine without GPUs each process trains on CPU with the gloo backend). Signals are
+    passed on, so Ctrl-C or a scheduler's SIGTERM still ends in a checkpoint."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "prefalign.cli", *_strip_num_processes(argv)]
+    proc = subprocess.Popen(launch)
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def cmd_train(args, base=None):
     from prefalign import config, train
 
-    cfg = config.from_args(args, base)
+    if args.num_processes < 1:
+        raise UserError(f"--num-processes must be >= 1; got {args.num_processes}")
+    cfg = config.from_args(args, base)  # validate here, before starting N processes
+    if args.num_processes > 1 and not _launched():
+        return relaunch(args.argv, args.num_processes)
     result = train.train(cfg)
+    if result.stopped.startswith("signal"):
+        # Not 0: a job script must not take an interrupted run for a finished one.
+        return 128 + int(signal.Signals[result.stopped.split()[-1]])
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # one summary per run, from rank 0
     last = result.history[-1] if result.history else {}
     keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen")
     summary = "  ".join(f"{k} {last[k]:.4g}" for k in keys if isinstance(last.get(k), float))
@@ -35,7 +84,7 @@ def cmd_train(args, base=None):
 
 
 def cmd_sft(args):
-    cmd_train(args, base={"loss": "sft", "lr": 2e-5, "reference": "none"})
+    return cmd_train(args, base={"loss": "sft", "lr": 2e-5, "reference": "none"})
 
 
 def cmd_losses(args):
@@ -107,16 +156,18 @@ def _extra_commands():
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # for --num-processes, which runs the same command again on N processes
     try:
-        args.func(args)
+        rc = args.func(args)
+        return rc if isinstance(rc, int) else 0
     except UserError as e:
         print(f"prefalign: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefalign: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

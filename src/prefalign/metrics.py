@@ -25,10 +25,22 @@ def peak_memory_mb() -> float:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The records of a metrics file. A process killed mid-write can leave a cut-off last
+    line; it is dropped (the resumed run writes that step again) rather than failing the resume."""
     if not os.path.isfile(path):
         return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = [line for line in fh if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # damage in the middle is not a crash artefact: say where
+                from prefalign.errors import UserError
+
+                raise UserError(f"{path}, line {i + 1}: not valid JSON; the metrics file is damaged") from None
+    return records
 
 
 class MetricsLog:
@@ -108,8 +120,11 @@ class Console:
 
     KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "kl/pairs")
 
-    def __init__(self, total: int, enabled: bool, start: int = 0, label: str = "train"):
+    def __init__(self, total: int, enabled: bool, start: int = 0, label: str = "train", messages: bool | None = None):
         self.enabled = enabled
+        # Messages (resumed from, skipped checkpoint, non-finite step) matter even without a
+        # progress bar: `messages` keeps them on under --no-progress (off on ranks other than 0).
+        self.messages = enabled if messages is None else messages
         self.total = total
         self.t0 = time.time()
         self.start = start
@@ -138,7 +153,7 @@ class Console:
     def say(self, msg: str) -> None:
         if self.progress is not None:
             self.progress.console.print(msg)
-        elif self.enabled:
+        elif self.messages:
             print(msg, file=sys.stderr, flush=True)
 
     def close(self) -> None:
