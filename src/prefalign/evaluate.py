@@ -51,7 +51,7 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_ne
         batch = prompts[i:i + batch_size]
         gen = generate(policy, tokenizer, batch, SamplingConfig(max_new_tokens=max_new_tokens,
                                                                  temperature=temperature, seed=seed + i))
-        comps = [list(c) for c in gen.completion_ids]
+        comps = [list(c) for c in gen.token_ids]
         pol = objective.completion_logps(policy, batch, comps, pad_id=tokenizer.pad_token_id, chunk_size=0)
         ref = reference.completion_logps(batch, comps)
         kls.append(pol.sum.float() - ref.sum.float().to(pol.sum.device))

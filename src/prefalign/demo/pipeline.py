@@ -1,0 +1,167 @@
+"""The demo's building blocks, shared by `prefalign demo`, `prefalign compare` and the
+experiments: an SFT starting point, on-policy pairs labelled by the verifier, and a
+held-out evaluation of any policy against a reference.
+
+Everything trains through the real trainer (`prefalign.train.train`) on JSONL files
+written to the run folder, so the demo exercises the code paths a user's run takes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from prefalign import config, train
+from prefalign.demo import task
+from prefalign.demo.model import build_model
+from prefalign.demo.tokenizer import build_tokenizer
+from prefalign.online.generate import SamplingConfig, generate
+from prefalign.online.pairs import build_pairs, write_pairs
+
+MAX_NEW_TOKENS = 5  # the longest answer is "198" + EOS; a little slack shows run-on outputs
+
+
+@dataclass
+class DemoSettings:
+    """Every knob of the demo. The defaults were found with bench/demo_prototype.py."""
+
+    seed: int = 0
+    n_heldout: int = 300
+    carry_slip: float = task.DEFAULT_CARRY_SLIP
+    random_noise: float = task.DEFAULT_RANDOM_NOISE
+    # SFT on the careless teacher's demonstrations
+    sft_steps: int = 600
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    sft_warmup: int = 50
+    # on-policy pairs from the SFT model, labelled by the verifier
+    dpo_prompts: int = 512
+    samples: int = 8
+    temperature: float = 1.0
+    pairs_per_prompt: int = 2
+    # DPO against the frozen SFT model
+    beta: float = 0.1
+    dpo_lr: float = 5e-4
+    dpo_steps: int = 150
+    dpo_batch: int = 32
+    precision: str = "fp32"
+    progress: bool = True
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "DemoSettings":
+        """A reduced run for tests and smoke checks (seconds, not minutes; the story may not hold)."""
+        return cls(seed=seed, n_heldout=40, sft_steps=30, sft_batch=32, dpo_prompts=32, samples=4, dpo_steps=6,
+                   dpo_batch=8, progress=False)
+
+
+def write_jsonl(path: str, rows: list[dict]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def _run_config(output: str, data: str, settings: DemoSettings, **kw) -> config.TrainConfig:
+    values = dict(data=data, output=output, max_length=16, seed=settings.seed, precision=settings.precision,
+                  progress=settings.progress, overwrite=True, lr_schedule="constant", packing=True)
+    values.update(kw)
+    return config.build(values, where="demo")
+
+
+def sft_start(output: str, settings: DemoSettings):
+    """(SFT model, tokenizer, splits): a tiny model fine-tuned on noisy demonstrations.
+
+    Written to OUTPUT/sft (model, metrics, plots); a later call with the same settings reuses it."""
+    splits = task.make_splits(seed=settings.seed, n_heldout=settings.n_heldout)
+    tok = build_tokenizer()
+    sft_dir = os.path.join(output, "sft")
+    stamp = os.path.join(sft_dir, "demo_settings.json")
+    key = {k: v for k, v in dataclasses.asdict(settings).items() if k.startswith(("sft_", "seed", "n_held", "carry",
+                                                                                       "random", "precision"))}
+    if os.path.isfile(stamp) and json.load(open(stamp)) == key:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(os.path.join(sft_dir, "model")), tok, splits
+    demos = task.noisy_demonstrations(splits.train, seed=settings.seed, carry_slip=settings.carry_slip,
+                                      random_noise=settings.random_noise)
+    data = write_jsonl(os.path.join(output, "data", "sft.jsonl"),
+                       [{"prompt": d.prompt, "completion": d.completion} for d in demos])
+    cfg = _run_config(sft_dir, data, settings, loss="sft", reference="none", lr=settings.sft_lr,
+                      warmup_steps=settings.sft_warmup, lr_schedule="cosine", max_steps=settings.sft_steps,
+                      batch_size=settings.sft_batch)
+    result = train.train(cfg, model=build_model(tok, seed=settings.seed), tokenizer=tok)
+    with open(stamp, "w") as fh:
+        json.dump(key, fh)
+    return result.policy.eval(), tok, splits
+
+
+def sample(model, tok, problems: list[task.Problem], n: int, temperature: float, seed: int):
+    """n samples per problem: (texts [P*n], scores [P*n], Generations)."""
+    gen = generate(model, tok, [p.prompt for p in problems],
+                   SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=temperature, n=n, seed=seed))
+    answers = [p.answer for p in problems for _ in range(n)]
+    return gen.texts, task.verify_batch(gen.texts, answers), gen
+
+
+def sample_pairs(model, tok, problems: list[task.Problem], settings: DemoSettings, seed: int) -> list[dict]:
+    """On-policy pairs: samples of `model` labelled by the verifier (correct = chosen)."""
+    texts, scores, _ = sample(model, tok, problems, settings.samples, settings.temperature, seed)
+    return build_pairs([p.prompt for p in problems], texts, scores, group_size=settings.samples, min_gap=0.5,
+                       pairs_per_prompt=settings.pairs_per_prompt, extra={"answer": [p.answer for p in problems]})
+
+
+@torch.no_grad()
+def evaluate_policy(model, tok, problems: list[task.Problem], settings: DemoSettings, reference_model=None) -> dict:
+    """Held-out verifier score (greedy), sampled score, mean length; KL to the reference on samples."""
+    model.eval()
+    greedy_texts, greedy_scores, greedy = sample(model, tok, problems, 1, 0.0, settings.seed)
+    _, sampled_scores, _ = sample(model, tok, problems, 1, 1.0, settings.seed + 1)
+    out = {
+        "verifier score (greedy)": sum(greedy_scores) / len(problems),
+        "verifier score (sampled)": sum(sampled_scores) / len(problems),
+        "mean length (tokens)": greedy.num_tokens / len(problems),
+    }
+    if reference_model is not None:
+        from prefalign.evaluate import sampled_kl
+        from prefalign.reference import ModelReference
+
+        ref = ModelReference(reference_model, pad_id=tok.pad_token_id, packing=False, token_budget=0, chunk_size=0)
+        prompts = [tok(p.prompt)["input_ids"] for p in problems]
+        out["KL to reference (sampled)"] = sampled_kl(model, ref, tok, prompts, max_new_tokens=MAX_NEW_TOKENS,
+                                                      seed=settings.seed + 2, batch_size=256)["kl/sampled"]
+    return out
+
+
+def dpo(output: str, sft_model, tok, train_pairs: str, eval_pairs: str, settings: DemoSettings, **overrides):
+    """DPO (or any loss via overrides) from a copy of the SFT model against the frozen SFT model."""
+    kw = dict(loss="dpo", beta=settings.beta, lr=settings.dpo_lr, max_steps=settings.dpo_steps,
+              batch_size=settings.dpo_batch, eval_data=eval_pairs)
+    kw.update(overrides)
+    cfg = _run_config(output, train_pairs, settings, **kw)
+    ref = copy.deepcopy(sft_model) if cfg.reference != "none" and cfg.loss != "sft" else None
+    return train.train(cfg, model=copy.deepcopy(sft_model).train(), tokenizer=tok, ref_model=ref)
+
+
+class Timer:
+    """Wall-clock per named stage."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.time()
+
+            def __exit__(self, *exc):
+                timer.stages[name] = timer.stages.get(name, 0.0) + time.time() - self.t0
+
+        return _Stage()
