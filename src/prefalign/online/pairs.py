@@ -14,7 +14,9 @@ signal, and for a noisy reward (a reward model, a judge) their order is mostly n
 would learn that noise with the same weight as a clear preference.
 
 Ties in reward are broken by the first occurrence (a stable sort), and exact duplicate texts
-count once, so the result is a pure function of its inputs.
+count once, so the result is a pure function of its inputs. Blank completions (a sample that
+is EOS at once) are left out: the preference-data reader refuses blank texts, so a pair with
+one could not be trained on.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def build_pairs(
         # Unique texts, each with the reward of its first occurrence, best first (stable).
         seen: dict[str, float] = {}
         for c, r in zip(completions[lo:lo + group_size], rewards[lo:lo + group_size]):
-            seen.setdefault(c, float(r))
+            if c.strip():
+                seen.setdefault(c, float(r))
         ranked = sorted(seen.items(), key=lambda kv: -kv[1])   # [(text, reward)] best first
         for k in range(min(pairs_per_prompt, len(ranked) // 2)):
             (good, rg), (bad, rb) = ranked[k], ranked[len(ranked) - 1 - k]

@@ -1,0 +1,218 @@
+"""Iterative (online) DPO: generate from the current policy, score, pair, DPO, repeat.
+
+    result = iterate(IterativeConfig(output="runs/iter", rounds=3, samples=8, min_gap=0.5),
+                     model=sft_model, tokenizer=tok, prompts=rows, reward="exact_answer")
+
+Round k (1-based):
+  1. prompts_per_round prompts (a seeded permutation, fresh each pass over the prompts)
+     -> `samples` completions each from the current policy (online.generate).
+  2. Scores from the reward function(s) (or a judge wrapped as one).
+  3. Pairs: best vs worst of each group, kept when the reward gap is >= min_gap
+     (online.pairs.build_pairs) -> OUTPUT/round-k/pairs.jsonl.
+  4. DPO (or any paired loss) on those pairs through the offline trainer
+     (prefalign.train.train, OUTPUT/round-k holds its metrics and plots), starting from the
+     current policy.
+  5. The reference for the next round: "fixed" keeps the initial policy (the KL is to the
+     start, as in offline DPO); "moving" uses the policy at the start of each round, so each
+     round is a DPO step of size ~1/beta away from the last one (Xu et al. 2023, "Some things
+     are more CRINGE than others"; Xiong et al. 2024, "Iterative Preference Learning").
+
+OUTPUT/metrics.jsonl has one line per round: the reward of the round's samples (the policy
+before that round's update), the pairs built, the DPO figures of the round's last step,
+generation/scoring/training seconds and peak memory. `reward/after` on the last round is the
+final policy's reward on fresh samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from prefalign.errors import UserError
+from prefalign.metrics import MetricsLog, peak_memory_mb
+from prefalign.online.generate import SamplingConfig, generate
+from prefalign.online.grpo import (
+    PromptSet, autocast_for, load_policy, load_prompts, make_reward, plot_run, prepare_output, write_config,
+)
+from prefalign.online.pairs import build_pairs, write_pairs
+from prefalign.train import step_indices
+
+REFERENCES = ("fixed", "moving")
+
+
+@dataclass
+class IterativeConfig:
+    """Every knob of an iterative DPO run (also the flags of `prefalign iterate`)."""
+
+    model: str = ""
+    tokenizer: str = ""
+    prompts: str = ""                # prompt file: a `prompt` column + extra columns for the reward
+    reward: list = field(default_factory=list)
+    reward_weights: list = field(default_factory=list)
+    output: str = ""
+    # rounds and sampling
+    rounds: int = 3
+    prompts_per_round: int = 64
+    samples: int = 8                 # completions per prompt
+    max_new_tokens: int = 64
+    max_prompt_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    generation_batch_size: int = 64
+    # pairs
+    min_gap: float = 0.0             # a pair needs chosen - rejected reward >= min_gap (and > 0)
+    pairs_per_prompt: int = 1
+    reference: str = "fixed"         # fixed | moving
+    # DPO in each round (any TrainConfig key can be set through train_overrides)
+    loss: str = "dpo"
+    beta: float = 0.1
+    lr: float = 5e-7
+    dpo_steps: int = 0               # optimizer steps per round (0 = `epochs` over the round's pairs)
+    epochs: float = 1.0
+    batch_size: int = 8
+    precision: str = "fp32"
+    seed: int = 0
+    train_overrides: dict = field(default_factory=dict)
+    progress: bool = True
+    save_model: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.reward, str):
+            self.reward = [self.reward]
+        checks = [
+            (self.rounds >= 1, f"rounds must be >= 1; got {self.rounds}"),
+            (self.prompts_per_round >= 1, f"prompts_per_round must be >= 1; got {self.prompts_per_round}"),
+            (self.samples >= 2, f"samples must be >= 2 (a pair needs two completions); got {self.samples}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1; got {self.max_new_tokens}"),
+            (self.max_prompt_length >= 1, f"max_prompt_length must be >= 1; got {self.max_prompt_length}"),
+            (self.temperature > 0, f"temperature must be > 0 (pairs need diverse samples); got {self.temperature}"),
+            (self.min_gap >= 0, f"min_gap must be >= 0; got {self.min_gap}"),
+            (self.pairs_per_prompt >= 1, f"pairs_per_prompt must be >= 1; got {self.pairs_per_prompt}"),
+            (self.reference in REFERENCES, f"reference must be fixed or moving; got {self.reference!r}"),
+            (self.dpo_steps >= 0, f"dpo_steps must be >= 0; got {self.dpo_steps}"),
+            (not self.reward_weights or len(self.reward_weights) == len(self.reward),
+             f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"iterate config: {msg}")
+        from prefalign.losses import get_loss
+
+        if get_loss(self.loss).kind != "paired":  # unknown names: a UserError with a suggestion
+            raise UserError(f"iterate config: loss {self.loss} is not a paired loss; rounds build pairs")
+        self.train_config(os.path.join(self.output or ".", "round-1"), "pairs.jsonl", 1)  # validates the DPO keys
+
+    def train_config(self, output: str, data: str, round_: int):
+        """The offline trainer's config for one round."""
+        from prefalign import config
+
+        values = dict(data=data, output=output, loss=self.loss, beta=self.beta, lr=self.lr, max_steps=self.dpo_steps,
+                      epochs=self.epochs, batch_size=self.batch_size, precision=self.precision,
+                      seed=self.seed + round_, max_prompt_length=self.max_prompt_length,
+                      max_length=self.max_prompt_length + self.max_new_tokens + 1,  # + the EOS the data adds
+                      progress=self.progress, overwrite=True, save_model=False)
+        values.update(self.train_overrides)
+        return config.build(values, where="iterate")
+
+
+@dataclass
+class IterativeResult:
+    output: str
+    rounds: int
+    history: list                     # one record per round
+    train_history: list               # every logged DPO step of every round, with "round" and a global "step"
+    policy: object
+    tokenizer: object
+
+
+def sample_and_score(policy, tok, pset: PromptSet, idx: list[int], n: int, sampling: dict, seed: int, score_fn, ac):
+    """(Generations, RewardScores, texts of the prompts [P*n], extra [P*n]) for the prompts idx."""
+    p_ids, p_texts, extra = pset.select(idx, repeat=n)
+    with ac():
+        gens = generate(policy, tok, p_ids, SamplingConfig(**sampling, n=n, seed=seed))
+    return gens, score_fn.score(p_texts, gens.texts, extra)
+
+
+def iterate(cfg: IterativeConfig, *, model=None, tokenizer=None, prompts=None, reward=None) -> IterativeResult:
+    """Run iterative DPO. prompts / reward / model objects override the config's paths and specs."""
+    from prefalign.models import freeze, save_model
+    from prefalign.losses import get_loss
+    from prefalign.train import train
+
+    cfg.validate()
+    prepare_output(cfg.output, cfg.overwrite)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    policy, tok = load_policy(cfg, model, tokenizer)
+    policy.to(device)
+    pset = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts if prompts is not None else cfg.prompts,
+                                                                       tok, cfg.max_prompt_length)
+    if len(pset) < cfg.prompts_per_round:
+        raise UserError(f"{len(pset)} prompts, fewer than prompts_per_round ({cfg.prompts_per_round})")
+    score_fn = make_reward(reward if reward is not None else cfg.reward, cfg.reward_weights)
+    needs_ref = get_loss(cfg.loss).needs_reference
+    fixed_ref = freeze(copy.deepcopy(policy)) if needs_ref and cfg.reference == "fixed" else None
+    write_config(cfg.output, cfg)
+
+    ac = autocast_for(cfg.precision, device)
+    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    log = MetricsLog(cfg.output, True)
+    history, train_history, offset = [], [], 0
+    for k in range(1, cfg.rounds + 1):
+        rdir = os.path.join(cfg.output, f"round-{k}")
+        t0 = time.perf_counter()
+        idx = step_indices(len(pset), k - 1, cfg.prompts_per_round, cfg.seed)
+        gens, scores = sample_and_score(policy, tok, pset, idx, cfg.samples, sampling, cfg.seed * 1_000_003 + k,
+                                        score_fn, ac)
+        t1 = time.perf_counter()
+        rows = build_pairs([pset.raw[i] for i in idx], gens.texts, scores.total, cfg.samples, cfg.min_gap,
+                           cfg.pairs_per_prompt, extra={c: [v[i] for i in idx] for c, v in pset.extra.items()})
+        path = write_pairs(os.path.join(rdir, "pairs.jsonl"), rows)
+        r = torch.tensor(scores.total)
+        record = {"step": k, "round": k, "reward/mean": r.mean().item(), "reward/std": r.std().item(),
+                  "pairs": len(rows), "completion_length": gens.num_tokens / len(gens),
+                  "time/generation": gens.seconds, "time/scoring": t1 - t0 - gens.seconds}
+        t2 = time.perf_counter()
+        if len(rows) < cfg.batch_size:
+            # Nothing to learn from this round (all samples scored alike): say so, keep going.
+            print(f"round {k}: {len(rows)} pairs, fewer than one batch ({cfg.batch_size}); DPO skipped")
+            record["skipped"] = 1
+        else:
+            ref = fixed_ref if cfg.reference == "fixed" else (freeze(copy.deepcopy(policy)) if needs_ref else None)
+            res = train(cfg.train_config(rdir, path, k), model=policy, tokenizer=tok, ref_model=ref)
+            policy = res.policy
+            for rec in res.history:
+                train_history.append({**rec, "round": k, "round_step": rec["step"], "step": offset + rec["step"]})
+            offset += res.steps
+            last = res.history[-1] if res.history else {}
+            record.update({f"dpo/{m}": last[m] for m in ("loss", "rewards/accuracies", "rewards/margins", "kl/pairs")
+                           if isinstance(last.get(m), float)})
+            record["dpo/steps"] = res.steps
+        record["time/training"] = time.perf_counter() - t2
+        if k == cfg.rounds:  # how the final policy does on fresh samples (the next round's prompts)
+            idx = step_indices(len(pset), k, cfg.prompts_per_round, cfg.seed)
+            _, after = sample_and_score(policy, tok, pset, idx, cfg.samples, sampling, cfg.seed * 1_000_003 + k + 1,
+                                        score_fn, ac)
+            record["reward/after"] = sum(after.total) / len(after.total)
+        record["peak_memory_mb"] = peak_memory_mb()
+        log.write(record)
+        history.append(record)
+        if cfg.progress:
+            print(f"round {k}/{cfg.rounds}: reward {record['reward/mean']:.3f}, {len(rows)} pairs, "
+                  f"dpo loss {record.get('dpo/loss', float('nan')):.4f}", flush=True)
+    log.close()
+    plot_run(cfg.output, history, [("reward", ["reward/mean", "reward/after"]), ("pairs", ["pairs"])])
+    if train_history:
+        plot_run(cfg.output, train_history, [("dpo_loss", ["loss"]), ("dpo_rewards", ["rewards/margins"])])
+    if cfg.save_model:
+        save_model(policy, tok, os.path.join(cfg.output, "model"))
+    return IterativeResult(cfg.output, cfg.rounds, history, train_history, policy, tok)
