@@ -1,0 +1,329 @@
+"""`prefalign compare`: the same SFT model aligned three ways, side by side.
+
+    (a) offline DPO   pairs sampled ONCE from the SFT model, labelled by the reward, then DPO
+    (b) iterative DPO the same sampling and DPO budget split into rounds, each round sampling
+                      from the current policy (online.iterative)
+    (c) GRPO          group sampling from the current policy at every step, the reward as the
+                      signal (online.grpo)
+
+Offline DPO is iterative DPO with one round, so (a) and (b) share every line of code and
+differ only in how often they go back to the policy for fresh samples. Budgets are matched:
+(b) samples as many completions in total as (a) and takes as many DPO steps in total.
+
+Measured for each method (and for the SFT model itself):
+  - held-out score: the reward (the demo's verifier by default) of greedy completions on
+    held-out prompts the methods never trained on; also at temperature 1;
+  - KL(policy || SFT) on the policy's own samples, and the mean completion length;
+  - stability: the spread (std) of the training loss and of the training-time reward over the
+    second half of training, and, with --seeds > 1, the spread of the held-out score over seeds;
+  - wall-clock split into generation (sampling + scoring) and training (forward/backward);
+  - peak memory: each (method, seed) runs in a fresh Python process (multiprocessing "spawn"),
+    whose peak resident set size (getrusage ru_maxrss; the CUDA allocator peak on a GPU) is
+    the method's peak. Imports and the SFT model are part of every process, so the table also
+    gives the RSS right after loading them: peak - base is what the method itself added.
+
+The demo task needs nothing: prefalign.demo's SFT model (trained once per seed, cached in
+OUTPUT/seed-S/sft). A user's task: --model (the SFT model), --prompts (a `prompt` column and
+what the reward needs, e.g. `answer`), --reward (specs), held-out prompts from --eval-prompts
+or the last --heldout rows of --prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import multiprocessing
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from prefalign.errors import UserError
+from prefalign.metrics import peak_memory_mb
+from prefalign.online.generate import SamplingConfig, generate
+from prefalign.online.grpo import GRPOConfig, PromptSet, grpo, load_prompts, make_reward
+from prefalign.online.iterative import IterativeConfig, iterate
+
+METHODS = ("sft", "dpo", "iterative", "grpo")
+LABELS = {"sft": "SFT (start)", "dpo": "offline DPO", "iterative": "iterative DPO", "grpo": "GRPO"}
+DEMO_REWARD = "prefalign.demo.task:reward"   # the demo's verifier: 1 if the answer is right and well formed
+
+
+@dataclass
+class CompareSettings:
+    output: str = "runs/compare"
+    seeds: int = 1
+    methods: list = field(default_factory=lambda: ["dpo", "iterative", "grpo"])
+    # a user's task (all empty: the demo task)
+    model: str = ""                  # the SFT model every method starts from
+    prompts: str = ""                # training prompts (+ columns the reward needs)
+    eval_prompts: str = ""           # held-out prompts (default: the last `heldout` rows of --prompts)
+    heldout: int = 200
+    reward: list = field(default_factory=list)
+    max_new_tokens: int = 0          # 0: 5 for the demo, 64 otherwise
+    temperature: float = 1.0
+    # the shared sampling + DPO budget of (a) and (b)
+    sample_prompts: int = 512
+    samples: int = 8
+    pairs_per_prompt: int = 2
+    min_gap: float = 0.5
+    dpo_steps: int = 150
+    dpo_batch: int = 32
+    dpo_lr: float = 5e-4
+    beta: float = 0.1
+    rounds: int = 3
+    reference: str = "fixed"         # iterative DPO's reference: fixed (the SFT model) | moving
+    # GRPO
+    grpo_steps: int = 60
+    grpo_prompts: int = 16           # prompts per step (x samples completions)
+    grpo_lr: float = 5e-4
+    grpo_beta: float = 0.04
+    grpo_mu: int = 1
+    grpo_aggregation: str = "grpo"
+    # running
+    threads: int = 0                 # torch threads per process (0 = torch's default)
+    isolate: bool = True             # one fresh process per (method, seed): honest peak memory
+    quick: bool = False              # a reduced run (seconds): for tests
+
+    def validate(self):
+        bad = [m for m in self.methods if m not in METHODS[1:]]
+        if bad or not self.methods:
+            raise UserError(f"compare: methods must be among {', '.join(METHODS[1:])}; got {', '.join(self.methods) or 'none'}")
+        if self.seeds < 1:
+            raise UserError(f"compare: seeds must be >= 1; got {self.seeds}")
+        if self.rounds < 1 or self.dpo_steps < self.rounds or self.sample_prompts < self.rounds:
+            raise UserError("compare: rounds must be >= 1 and at most dpo_steps and sample_prompts")
+        user = [n for n in ("model", "prompts") if getattr(self, n)]
+        if user and (len(user) < 2 or not self.reward):
+            raise UserError("compare on your own task needs --model, --prompts and --reward together")
+
+    @property
+    def demo(self) -> bool:
+        return not self.model
+
+    @classmethod
+    def quick_settings(cls, **kw) -> "CompareSettings":
+        """Seconds instead of minutes: the smoke test's budget (the story need not hold)."""
+        base = dict(quick=True, sample_prompts=24, samples=4, dpo_steps=4, dpo_batch=4, rounds=2, grpo_steps=3,
+                    grpo_prompts=4, heldout=16)
+        base.update(kw)
+        return cls(**base)
+
+
+# ----------------------------------------------------------------------------------------------
+# The task: SFT model, prompts, reward
+
+
+def _demo_settings(s: CompareSettings, seed: int):
+    from prefalign.demo.pipeline import DemoSettings
+
+    d = DemoSettings.quick(seed) if s.quick else DemoSettings(seed=seed)
+    return dataclasses.replace(d, progress=False)
+
+
+def prepare_sft(s: CompareSettings, seed: int) -> float:
+    """Train (or find cached) the demo's SFT model for `seed`; seconds spent. Nothing to do for a user model."""
+    if not s.demo:
+        return 0.0
+    from prefalign.demo.pipeline import sft_start
+
+    t0 = time.perf_counter()
+    sft_start(os.path.join(s.output, f"seed-{seed}"), _demo_settings(s, seed))
+    return time.perf_counter() - t0
+
+
+def load_task(s: CompareSettings, seed: int):
+    """(SFT model, tokenizer, train PromptSet, held-out PromptSet, reward, max_new_tokens)."""
+    if s.demo:
+        from prefalign.demo.pipeline import MAX_NEW_TOKENS, sft_start
+
+        d = _demo_settings(s, seed)
+        model, tok, splits = sft_start(os.path.join(s.output, f"seed-{seed}"), d)
+        rows = lambda problems: [{"prompt": p.prompt, "answer": p.answer} for p in problems]  # noqa: E731
+        train = load_prompts(rows(splits.train), tok, 16)
+        heldout = load_prompts(rows(splits.heldout[:s.heldout] if s.quick else splits.heldout), tok, 16)
+        return model, tok, train, heldout, make_reward(s.reward or DEMO_REWARD), s.max_new_tokens or MAX_NEW_TOKENS
+    from prefalign import models
+
+    tok = models.load_tokenizer(s.model)
+    model = models.load_model(s.model)
+    train = load_prompts(s.prompts, tok)
+    if s.eval_prompts:
+        heldout = load_prompts(s.eval_prompts, tok)
+    else:  # the last rows are held out and never trained on
+        n = min(s.heldout, len(train) // 2)
+        if n < 1:
+            raise UserError(f"{s.prompts}: too few prompts to hold some out; give --eval-prompts")
+        heldout = _slice(train, len(train) - n, len(train))
+        train = _slice(train, 0, len(train) - n)
+    return model, tok, train, heldout, make_reward(s.reward), s.max_new_tokens or 64
+
+
+def _slice(p: PromptSet, lo: int, hi: int) -> PromptSet:
+    return PromptSet(p.ids[lo:hi], p.texts[lo:hi], {k: v[lo:hi] for k, v in p.extra.items()}, p.raw[lo:hi])
+
+
+@torch.no_grad()
+def evaluate(policy, tok, heldout: PromptSet, reward, sft_model, max_new_tokens: int, seed: int) -> dict:
+    """Held-out reward of greedy and of sampled completions, KL to the SFT model, mean length."""
+    from prefalign.evaluate import sampled_kl
+    from prefalign.reference import ModelReference
+
+    greedy = generate(policy, tok, heldout.ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0))
+    sampled = generate(policy, tok, heldout.ids, SamplingConfig(max_new_tokens=max_new_tokens, seed=seed + 1))
+    score = lambda g: sum(reward.score(heldout.texts, g.texts, heldout.extra).total) / len(g)  # noqa: E731
+    ref = ModelReference(sft_model, pad_id=tok.pad_token_id, packing=False, token_budget=0, chunk_size=0)
+    kl = sampled_kl(policy, ref, tok, heldout.ids, max_new_tokens=max_new_tokens, seed=seed + 2, batch_size=256)
+    return {"score": score(greedy), "score_sampled": score(sampled), "kl": kl["kl/sampled"],
+            "length": greedy.num_tokens / len(greedy)}
+
+
+# ----------------------------------------------------------------------------------------------
+# One method, one seed (in its own process when isolated)
+
+
+def run_method(method: str, seed: int, settings: dict) -> dict:
+    """Align the SFT model with `method`; returns its evaluation, curves, times and memory."""
+    s = CompareSettings(**settings)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    t_start = time.perf_counter()
+    sft, tok, train_set, heldout, reward, max_new = load_task(s, seed)
+    base_mb = peak_memory_mb()
+    out_dir = os.path.join(s.output, f"seed-{seed}", method)
+    policy, curve, gen_s, train_s = sft, [], 0.0, 0.0
+    common = dict(output=out_dir, max_new_tokens=max_new, max_prompt_length=max(len(i) for i in train_set.ids),
+                  temperature=s.temperature, seed=seed, progress=False, save_model=False, overwrite=True)
+    if method in ("dpo", "iterative"):
+        rounds = 1 if method == "dpo" else s.rounds
+        cfg = IterativeConfig(rounds=rounds, prompts_per_round=s.sample_prompts // rounds, samples=s.samples,
+                              min_gap=s.min_gap, pairs_per_prompt=s.pairs_per_prompt, reference=s.reference,
+                              beta=s.beta, lr=s.dpo_lr, dpo_steps=s.dpo_steps // rounds, batch_size=s.dpo_batch,
+                              train_overrides={"lr_schedule": "constant"}, **common)
+        res = iterate(cfg, model=copy.deepcopy(sft), tokenizer=tok, prompts=train_set, reward=reward)
+        policy = res.policy
+        curve = [{"step": r["step"], "loss": r["loss"]} for r in res.train_history]
+        for r in res.history:  # the reward of each round's samples, placed at the round's first DPO step
+            first = next((t["step"] for t in res.train_history if t["round"] == r["round"]), r["step"])
+            curve.append({"step": first, "reward": r["reward/mean"]})
+        gen_s = sum(r["time/generation"] + r["time/scoring"] for r in res.history)
+        train_s = sum(r["time/training"] for r in res.history)
+    elif method == "grpo":
+        cfg = GRPOConfig(steps=s.grpo_steps, prompts_per_step=s.grpo_prompts, group_size=s.samples, lr=s.grpo_lr,
+                         beta=s.grpo_beta, mu=s.grpo_mu, aggregation=s.grpo_aggregation, **common)
+        res = grpo(cfg, model=copy.deepcopy(sft), tokenizer=tok, prompts=train_set, reward=reward)
+        policy = res.policy
+        curve = [{"step": r["step"], "loss": r["loss"], "reward": r["reward/mean"]} for r in res.history]
+        gen_s = sum(r["time/generation"] + r["time/scoring"] for r in res.history)
+        train_s = sum(r["time/training"] for r in res.history)
+    t_eval = time.perf_counter()
+    ev = evaluate(policy, tok, heldout, reward, sft, max_new, seed)
+    return {"method": method, "seed": seed, **ev, "curve": curve, "generation_s": gen_s, "training_s": train_s,
+            "eval_s": time.perf_counter() - t_eval, "wall_s": time.perf_counter() - t_start,
+            "peak_mb": peak_memory_mb(), "base_mb": base_mb, "n_heldout": len(heldout)}
+
+
+def _run(method: str, seed: int, s: CompareSettings) -> dict:
+    if not s.isolate:
+        return run_method(method, seed, dataclasses.asdict(s))
+    # A fresh interpreter per run: its peak RSS belongs to this method alone.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_method, method, seed, dataclasses.asdict(s)).result()
+
+
+# ----------------------------------------------------------------------------------------------
+# The comparison
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.pstdev(values) if len(values) > 1 else float("nan")
+
+
+def _second_half(curve: list[dict], key: str) -> list[float]:
+    pts = [r[key] for r in curve if isinstance(r.get(key), (int, float))]
+    return pts[len(pts) // 2:]
+
+
+def summarize(runs: list[dict], seeds: int) -> list[dict]:
+    """One table row per method: means over seeds, spreads over steps and seeds."""
+    rows = []
+    for method in METHODS:
+        rs = [r for r in runs if r["method"] == method]
+        if not rs:
+            continue
+        mean = lambda k: statistics.fmean(r[k] for r in rs)  # noqa: E731
+        row = {"method": LABELS[method], "score": mean("score"), "score T=1": mean("score_sampled"),
+               "KL": mean("kl"), "length": mean("length")}
+        if seeds > 1:
+            row["score sd (seeds)"] = _spread([r["score"] for r in rs])
+        row["loss sd"] = statistics.fmean(_spread(_second_half(r["curve"], "loss")) for r in rs) \
+            if method != "sft" else float("nan")
+        row["reward sd"] = statistics.fmean(_spread(_second_half(r["curve"], "reward")) for r in rs) \
+            if method in ("iterative", "grpo") else float("nan")
+        row.update({"gen s": mean("generation_s"), "train s": mean("training_s"),
+                    "peak MB": max(r["peak_mb"] for r in rs), "base MB": max(r["base_mb"] for r in rs)})
+        rows.append(row)
+    return rows
+
+
+def compare(s: CompareSettings) -> dict:
+    """Run every method for every seed; write OUTPUT/report.md, results.json and plots; print the table."""
+    from prefalign import report
+
+    s.validate()
+    os.makedirs(s.output, exist_ok=True)
+    t0 = time.perf_counter()
+    sft_s = [prepare_sft(s, seed) for seed in range(s.seeds)]  # once, before the methods (cached on disk)
+    runs = []
+    for seed in range(s.seeds):
+        for method in ["sft", *s.methods]:
+            if not s.quick:
+                print(f"[seed {seed}] {LABELS[method]} ...", flush=True)
+            runs.append(_run(method, seed, s))
+    wall = time.perf_counter() - t0
+    rows = summarize(runs, s.seeds)
+    columns = list(rows[0])
+    plots = _plots(s.output, runs)
+    note = (f"{s.seeds} seed(s); SFT {sum(sft_s):.0f}s (cached after the first run); total wall {wall:.0f}s.\n\n"
+            f"- score: mean reward of greedy completions on {runs[0]['n_heldout']} held-out prompts "
+            f"(score T=1: one sample each at temperature 1)\n"
+            f"- KL: KL(policy || SFT) on the policy's own samples (nats per completion); length: tokens\n"
+            f"- loss sd, reward sd: std over the second half of training steps of the training loss and of the "
+            f"reward of the training samples (GRPO: per step; iterative DPO: per round), mean over seeds"
+            f"{'; score sd (seeds): std of the held-out score over seeds' if s.seeds > 1 else ''}\n"
+            f"- gen s: sampling + scoring; train s: DPO / GRPO updates (means over seeds)\n"
+            f"- peak MB: peak RSS of the fresh process that ran the method ({'isolated' if s.isolate else 'NOT isolated: shared process, peaks are cumulative'}); "
+            f"base MB: its RSS after imports and loading the SFT model; peak - base is the method's own")
+    with open(os.path.join(s.output, "report.md"), "w") as fh:
+        fh.write(f"# prefalign compare\n\n{report.markdown_table(rows, columns)}\n\n{note}\n\n")
+        fh.writelines(f"![{os.path.basename(p)}](plots/{os.path.basename(p)})\n" for p in plots)
+    with open(os.path.join(s.output, "results.json"), "w") as fh:
+        json.dump({"settings": dataclasses.asdict(s), "rows": rows, "runs": runs, "wall_s": wall, "sft_s": sft_s},
+                  fh, indent=1, default=str)
+    report.print_table(rows, columns, title=f"prefalign compare ({wall:.0f}s)")
+    print(f"report: {os.path.join(s.output, 'report.md')}")
+    return {"rows": rows, "runs": runs, "wall_s": wall}
+
+
+def _plots(output: str, runs: list[dict]) -> list[str]:
+    """Training loss and training-time reward per step, one line per (method, seed)."""
+    from prefalign.report import plot_series
+
+    os.makedirs(os.path.join(output, "plots"), exist_ok=True)
+    written = []
+    for key in ("loss", "reward"):
+        records, names = [], []
+        for r in runs:
+            name = f"{LABELS[r['method']]} s{r['seed']}"
+            pts = [{"step": c["step"], name: c[key]} for c in r["curve"] if key in c]
+            if pts:
+                records += pts
+                names.append(name)
+        path = os.path.join(output, "plots", f"{key}.png")
+        if names and plot_series(path, records, names, f"training {key} per step"):
+            written.append(path)
+    return written

@@ -1,0 +1,111 @@
+"""`prefalign compare` (reduced), and the online commands end to end through the CLI."""
+
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+
+from prefalign.cli import main
+from prefalign.demo.model import build_model
+from prefalign.demo.tokenizer import build_tokenizer
+from prefalign.errors import UserError
+from prefalign.online.compare import CompareSettings, compare
+
+torch.set_num_threads(1)
+
+
+def test_compare_smoke(tmp_path, capsys):
+    # In-process (isolate=False) to stay in seconds; the real command runs each method in its own process.
+    s = CompareSettings.quick_settings(output=str(tmp_path / "cmp"), isolate=False, grpo_steps=2, dpo_steps=2,
+                                       sample_prompts=8, heldout=8)
+    out = compare(s)
+    methods = [r["method"] for r in out["rows"]]
+    assert methods == ["SFT (start)", "offline DPO", "iterative DPO", "GRPO"]
+    for row in out["rows"]:
+        assert 0.0 <= row["score"] <= 1.0 and row["peak MB"] >= row["base MB"] > 0
+    sft = out["rows"][0]
+    assert sft["KL"] == pytest.approx(0.0, abs=1e-5)  # the SFT model against itself
+    report = open(tmp_path / "cmp" / "report.md").read()
+    assert "| method | score |" in report and "GRPO" in report
+    results = json.load(open(tmp_path / "cmp" / "results.json"))
+    assert {r["method"] for r in results["runs"]} == {"sft", "dpo", "iterative", "grpo"}
+    assert os.path.isfile(tmp_path / "cmp" / "plots" / "loss.png")
+    assert "GRPO" in capsys.readouterr().out  # the table is printed
+
+
+def test_compare_settings_errors():
+    with pytest.raises(UserError, match="methods"):
+        CompareSettings(methods=["ppo"]).validate()
+    with pytest.raises(UserError, match="--reward"):
+        CompareSettings(model="m", prompts="p.jsonl").validate()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tok = build_tokenizer()
+    build_model(tok, seed=0, hidden_size=32, intermediate_size=64).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    with open(path, "w") as fh:
+        for a in range(4):
+            fh.write(json.dumps({"prompt": f"{a}+{a}=", "answer": 2 * a}) + "\n")
+    return str(path)
+
+
+BAD = {
+    "raises": "def f(prompts, completions):\n    raise RuntimeError('boom')\n",
+    "wrong_length": "def f(prompts, completions):\n    return [1.0]\n",
+    "nan": "def f(prompts, completions):\n    return [float('nan')] * len(completions)\n",
+}
+
+
+@pytest.mark.parametrize("kind, message", [("raises", "raised RuntimeError: boom"),
+                                           ("wrong_length", "returned 1 values for"),
+                                           ("nan", "returned nan")])
+def test_bad_reward_function_is_one_clear_line_and_exit_2(tmp_path, capsys, saved_model, prompts_file, kind, message):
+    fn = tmp_path / f"{kind}.py"
+    fn.write_text(BAD[kind])
+    rc = main(["grpo", "--model", saved_model, "--prompts", prompts_file, "--reward", f"{fn}:f",
+               "--output", str(tmp_path / "run"), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+               "--max-new-tokens", "2", "--no-progress"])
+    # (transformers' own "Loading weights" progress bar may share stderr; ours is one line)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prefalign")]
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("prefalign: error: reward function") and message in err[0], err
+
+
+def test_generate_command_writes_completions(tmp_path, capsys, saved_model, prompts_file):
+    out = tmp_path / "gen.jsonl"
+    rc = main(["generate", "--model", saved_model, "--prompts", prompts_file, "--output", str(out), "--n", "3",
+               "--max-new-tokens", "3", "--reward", "exact_answer"])
+    assert rc == 0
+    rows = [json.loads(x) for x in open(out)]
+    assert len(rows) == 12 and [r["sample"] for r in rows[:3]] == [0, 1, 2]
+    assert {"prompt", "completion", "finish_reason", "num_tokens", "reward", "answer"} <= set(rows[0])
+
+
+def test_grpo_and_iterate_commands_run(tmp_path, capsys, saved_model, prompts_file):
+    common = ["--model", saved_model, "--prompts", prompts_file, "--max-new-tokens", "2", "--no-progress",
+              "--no-save-model"]
+    assert main(["grpo", *common, "--reward", "regex=1", "--output", str(tmp_path / "g"), "--steps", "2",
+                 "--prompts-per-step", "2", "--group-size", "2", "--beta", "0.1"]) == 0
+    assert main(["iterate", *common, "--reward", "regex=1", "--output", str(tmp_path / "i"), "--rounds", "1",
+                 "--prompts-per-round", "4", "--samples", "4", "--batch-size", "1", "--dpo-steps", "1",
+                 "--set", "warmup_steps=0"]) == 0
+    assert "done:" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "i" / "round-1" / "pairs.jsonl")
+    bad = textwrap.dedent("steps: 1\nstepz: 2\n")
+    (tmp_path / "c.yaml").write_text(bad)
+    assert main(["grpo", "--config", str(tmp_path / "c.yaml"), *common, "--output", str(tmp_path / "g2")]) == 2
+    assert "did you mean 'steps'" in capsys.readouterr().err
