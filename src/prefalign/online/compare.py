@@ -78,12 +78,13 @@ class CompareSettings:
     rounds: int = 3
     reference: str = "fixed"         # iterative DPO's reference: fixed (the SFT model) | moving
     # GRPO
-    grpo_steps: int = 60
-    grpo_prompts: int = 16           # prompts per step (x samples completions)
-    grpo_lr: float = 5e-4
+    grpo_steps: int = 100
+    grpo_prompts: int = 32           # prompts per step (x samples completions)
+    grpo_lr: float = 3e-4
     grpo_beta: float = 0.04
     grpo_mu: int = 1
-    grpo_aggregation: str = "grpo"
+    grpo_scale: str = "none"         # Dr. GRPO: no std scaling ...
+    grpo_aggregation: str = "dr_grpo"  # ... and a constant normalizer (no length bias)
     # running
     threads: int = 0                 # torch threads per process (0 = torch's default)
     isolate: bool = True             # one fresh process per (method, seed): honest peak memory
@@ -139,10 +140,16 @@ def prepare_sft(s: CompareSettings, seed: int) -> float:
 def load_task(s: CompareSettings, seed: int):
     """(SFT model, tokenizer, train PromptSet, held-out PromptSet, reward, max_new_tokens)."""
     if s.demo:
-        from prefalign.demo.pipeline import MAX_NEW_TOKENS, sft_start
+        from transformers import AutoModelForCausalLM
 
+        from prefalign.demo import task
+        from prefalign.demo.pipeline import MAX_NEW_TOKENS
+        from prefalign.demo.tokenizer import build_tokenizer
+
+        # The model prepare_sft wrote (loaded, never retrained: every method starts from the same weights).
         d = _demo_settings(s, seed)
-        model, tok, splits = sft_start(os.path.join(s.output, f"seed-{seed}"), d)
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(s.output, f"seed-{seed}", "sft", "model"))
+        tok, splits = build_tokenizer(), task.make_splits(seed=d.seed, n_heldout=d.n_heldout)
         rows = lambda problems: [{"prompt": p.prompt, "answer": p.answer} for p in problems]  # noqa: E731
         train = load_prompts(rows(splits.train), tok, 16)
         heldout = load_prompts(rows(splits.heldout[:s.heldout] if s.quick else splits.heldout), tok, 16)
@@ -214,7 +221,7 @@ def run_method(method: str, seed: int, settings: dict) -> dict:
         train_s = sum(r["time/training"] for r in res.history)
     elif method == "grpo":
         cfg = GRPOConfig(steps=s.grpo_steps, prompts_per_step=s.grpo_prompts, group_size=s.samples, lr=s.grpo_lr,
-                         beta=s.grpo_beta, mu=s.grpo_mu, aggregation=s.grpo_aggregation, **common)
+                         beta=s.grpo_beta, mu=s.grpo_mu, scale=s.grpo_scale, aggregation=s.grpo_aggregation, **common)
         res = grpo(cfg, model=copy.deepcopy(sft), tokenizer=tok, prompts=train_set, reward=reward)
         policy = res.policy
         curve = [{"step": r["step"], "loss": r["loss"], "reward": r["reward/mean"]} for r in res.history]
