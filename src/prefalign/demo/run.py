@@ -15,6 +15,8 @@ import os
 import shutil
 import time
 
+import torch
+
 from prefalign import report
 from prefalign.errors import UserError
 from prefalign.demo import pipeline, task
@@ -24,6 +26,7 @@ from prefalign.online.pairs import write_pairs
 def run_demo(output: str = "runs/demo", quick: bool = False, seed: int = 0,
              settings: pipeline.DemoSettings | None = None) -> dict:
     settings = settings or (pipeline.DemoSettings.quick(seed) if quick else pipeline.DemoSettings(seed=seed))
+    torch.set_num_threads(settings.threads)
     t_start = time.time()
     timer = pipeline.Timer()
     say = print if settings.progress or not quick else (lambda *a: None)
@@ -58,7 +61,7 @@ def run_demo(output: str = "runs/demo", quick: bool = False, seed: int = 0,
     with timer("evaluation"):
         before = pipeline.evaluate_policy(sft_model, tok, splits.heldout, settings, reference_model=sft_model)
         after = pipeline.evaluate_policy(result.policy, tok, splits.heldout, settings, reference_model=sft_model)
-    before["implicit-reward accuracy (held-out pairs)"] = 0.0  # policy == reference: every reward is 0, no pair is ranked
+    before["implicit-reward accuracy (held-out pairs)"] = "-"  # policy == reference: every reward is 0
     after["implicit-reward accuracy (held-out pairs)"] = result.final_eval.get("rewards/accuracies", float("nan"))
     wall = time.time() - t_start
     rows = [{"metric": k, "SFT (reference)": before[k], "after DPO": after[k]} for k in before]
