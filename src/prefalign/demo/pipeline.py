@@ -33,6 +33,7 @@ class DemoSettings:
 
     seed: int = 0
     n_heldout: int = 500
+    max_operand: int = task.MAX_OPERAND  # 99: two-digit addition
     carry_slip: float = task.DEFAULT_CARRY_SLIP
     random_noise: float = task.DEFAULT_RANDOM_NOISE
     # SFT on the careless teacher's demonstrations. Shorter is risky: the SFT loss sits on a
@@ -61,8 +62,10 @@ class DemoSettings:
     @classmethod
     def quick(cls, seed: int = 0) -> "DemoSettings":
         """A reduced run for tests and smoke checks (seconds, not minutes; the story may not hold)."""
-        return cls(seed=seed, n_heldout=40, sft_steps=60, sft_batch=64, sft_lr=1e-2, dpo_prompts=64, samples=8,
-                   dpo_steps=4, dpo_batch=8, progress=False)
+        # One-digit operands: a task small enough that 60 SFT steps learn part of it, so samples
+        # hold both right and wrong answers and every stage has something to do.
+        return cls(seed=seed, max_operand=9, n_heldout=20, sft_steps=60, sft_batch=64, sft_lr=1e-2,
+                   dpo_prompts=64, samples=8, dpo_steps=4, dpo_batch=8, progress=False)
 
 
 def write_jsonl(path: str, rows: list[dict]) -> str:
@@ -83,12 +86,12 @@ def sft_start(output: str, settings: DemoSettings):
     """(SFT model, tokenizer, splits): a tiny model fine-tuned on noisy demonstrations.
 
     Written to OUTPUT/sft (model, metrics, plots); a later call with the same settings reuses it."""
-    splits = task.make_splits(seed=settings.seed, n_heldout=settings.n_heldout)
+    splits = task.make_splits(seed=settings.seed, n_heldout=settings.n_heldout, max_operand=settings.max_operand)
     tok = build_tokenizer()
     sft_dir = os.path.join(output, "sft")
     stamp = os.path.join(sft_dir, "demo_settings.json")
     key = {k: v for k, v in dataclasses.asdict(settings).items() if k.startswith(("sft_", "seed", "n_held", "carry",
-                                                                                       "random", "precision"))}
+                                                                                       "random", "precision", "max_op"))}
     if os.path.isfile(stamp) and json.load(open(stamp)) == key:
         from transformers import AutoModelForCausalLM
 

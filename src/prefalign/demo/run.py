@@ -33,7 +33,7 @@ def run_demo(output: str = "runs/demo", quick: bool = False, seed: int = 0,
     os.makedirs(output, exist_ok=True)
 
     say(f"[1/4] SFT: a tiny Llama learns 2-digit addition from a careless teacher "
-        f"({task.expected_noise(task.make_splits(settings.seed, settings.n_heldout).train, settings.carry_slip, settings.random_noise):.0%} "
+        f"({task.expected_noise(task.make_splits(settings.seed, settings.n_heldout, settings.max_operand).train, settings.carry_slip, settings.random_noise):.0%} "
         f"of its answers are wrong, mostly a forgotten carry)")
     with timer("sft"):
         sft_model, tok, splits = pipeline.sft_start(output, settings)

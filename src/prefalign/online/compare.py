@@ -149,7 +149,7 @@ def load_task(s: CompareSettings, seed: int):
         # The model prepare_sft wrote (loaded, never retrained: every method starts from the same weights).
         d = _demo_settings(s, seed)
         model = AutoModelForCausalLM.from_pretrained(os.path.join(s.output, f"seed-{seed}", "sft", "model"))
-        tok, splits = build_tokenizer(), task.make_splits(seed=d.seed, n_heldout=d.n_heldout)
+        tok, splits = build_tokenizer(), task.make_splits(seed=d.seed, n_heldout=d.n_heldout, max_operand=d.max_operand)
         rows = lambda problems: [{"prompt": p.prompt, "answer": p.answer} for p in problems]  # noqa: E731
         train = load_prompts(rows(splits.train), tok, 16)
         heldout = load_prompts(rows(splits.heldout[:s.heldout] if s.quick else splits.heldout), tok, 16)
