@@ -88,9 +88,12 @@ def cmd_sft(args):
 
 
 def cmd_losses(args):
-    from prefalign.losses import LOSSES
+    from prefalign.losses import ALIASES, LOSSES
 
     for name, spec in sorted(LOSSES.items()):
+        if name in ALIASES:
+            print(f"{name:12s} (another name for {ALIASES[name]})")
+            continue
         ref = "reference" if spec.needs_reference else "no reference"
         print(f"{name:12s} {spec.kind:8s} {ref:13s} inputs={spec.inputs}  {spec.defaults}")
 
