@@ -187,3 +187,34 @@ def test_cli_trains_and_the_model_reloads(run_files, tmp_path, capsys):
     assert rc == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "model" / "model.safetensors").exists()
+
+
+def test_merged_lora_weights_reload_and_match_the_adapter(run_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    r = train.train(cfg_for(run_files, tmp_path / "m", lora_r=4, max_steps=2, lr=1e-2, merge_lora=True))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "merged")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9, 10]])
+    with torch.no_grad():
+        a = logprobs.sequence_logps(r.policy, ids, torch.ones_like(ids), labels).sum
+        b = logprobs.sequence_logps(merged, ids, torch.ones_like(ids), labels).sum
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_eval_command_reports_held_out_metrics(run_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", run_files["model"], "--data", run_files["data"], "--output", str(out),
+                 "--max-steps", "4", "--lr", "1e-2", "--no-progress", "--max-length", "64"]) == 0
+    rc = main(["eval", "--model", str(out / "model"), "--ref-model", run_files["model"], "--data", run_files["eval"],
+               "--samples", "4", "--max-new-tokens", "4", "--json", str(tmp_path / "eval.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["pairs"] == 6
+    assert 0 <= res["rewards/accuracies"] <= 1 and res["rewards/margins"] != 0
+    assert res["kl/sampled"] == res["kl/sampled"] and res["lengths/sampled"] > 0  # finite, sampled
+    # the reference against itself: zero margins, zero KL
+    rc = main(["eval", "--model", run_files["model"], "--ref-model", run_files["model"], "--data", run_files["eval"],
+               "--samples", "4", "--max-new-tokens", "4", "--json", str(tmp_path / "self.json")])
+    same = json.loads((tmp_path / "self.json").read_text())
+    assert same["rewards/margins"] == pytest.approx(0, abs=1e-6) and same["kl/sampled"] == pytest.approx(0, abs=1e-5)
