@@ -218,3 +218,13 @@ def test_eval_command_reports_held_out_metrics(run_files, tmp_path, capsys):
                "--samples", "4", "--max-new-tokens", "4", "--json", str(tmp_path / "self.json")])
     same = json.loads((tmp_path / "self.json").read_text())
     assert same["rewards/margins"] == pytest.approx(0, abs=1e-6) and same["kl/sampled"] == pytest.approx(0, abs=1e-5)
+
+
+def test_bf16_autocast_tracks_fp32(run_files, tmp_path):
+    """bf16 autocast: fp32 master weights, fp32 log-prob sums, step-1 figures within bf16 error of fp32."""
+    a = train.train(cfg_for(run_files, tmp_path / "fp32", max_steps=2, packing=True))
+    b = train.train(cfg_for(run_files, tmp_path / "bf16", max_steps=2, packing=True, precision="bf16"))
+    assert all(p.dtype == torch.float32 for p in b.policy.parameters())
+    assert b.history[0]["logps/chosen"] == pytest.approx(a.history[0]["logps/chosen"], rel=2e-2)
+    assert b.history[0]["logps/chosen"] != a.history[0]["logps/chosen"]  # autocast really ran in bf16
+    assert torch.isfinite(torch.tensor(b.history[-1]["loss"]))
