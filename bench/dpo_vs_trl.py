@@ -378,7 +378,11 @@ def main_bench(args):
             summary = {}
             for tool, r in res.items():
                 ref_forward = reference == "copy"
-                summary[tool] = summarize(r, warmup, batch, order, npar["non_embedding"], ref_forward, tokens_per_pair)
+                tool_order = order
+                if reference == "precomputed":  # its data file is `order`; prefalign permutes that file
+                    tool_order = [order[i] for i in prefalign_order(len(order), steps, batch, 0)]
+                summary[tool] = summarize(r, warmup, batch, tool_order, npar["non_embedding"], ref_forward,
+                                          tokens_per_pair)
                 summary[tool]["mfu"] = summary[tool]["useful_gflops_per_s"] / peak
             run = {"workload": name, "vocab": vocab, "batch": batch, "precision": precision, "reference": reference,
                    "n_params": npar, **summary}
