@@ -1,7 +1,9 @@
 """`prefalign compare` (reduced), and the online commands end to end through the CLI."""
 
+import dataclasses
 import json
 import os
+import shutil
 import textwrap
 
 import pytest
@@ -11,7 +13,8 @@ from prefalign.cli import main
 from prefalign.demo.model import build_model
 from prefalign.demo.tokenizer import build_tokenizer
 from prefalign.errors import UserError
-from prefalign.online.compare import CompareSettings, compare
+from prefalign.demo.pipeline import DemoSettings, sft_cache_key
+from prefalign.online.compare import DEMO_FIELDS, USER_DEFAULTS, CompareSettings, compare, prepare_sft, sft_dir
 
 torch.set_num_threads(1)
 
@@ -32,7 +35,62 @@ def test_compare_smoke(tmp_path, capsys):
     results = json.load(open(tmp_path / "cmp" / "results.json"))
     assert {r["method"] for r in results["runs"]} == {"sft", "dpo", "iterative", "grpo"}
     assert os.path.isfile(tmp_path / "cmp" / "plots" / "loss.png")
-    assert "GRPO" in capsys.readouterr().out  # the table is printed
+    out_text = capsys.readouterr().out
+    assert "GRPO" in out_text and "wall: SFT model" in out_text  # the table and the wall split are printed
+    assert results["sft"] == ["trained"] and results["settings"]["beta"] == DemoSettings.quick().beta
+
+    # Same settings -> the cached SFT model, never retrained (also from another output via --sft-from).
+    again = compare(dataclasses.replace(s, methods=["dpo"]))
+    assert json.load(open(tmp_path / "cmp" / "results.json"))["sft"] == ["cached"]
+    assert again["rows"][0]["score"] == out["rows"][0]["score"]  # the same SFT model
+    other = dataclasses.replace(s, output=str(tmp_path / "other"), sft_from=str(tmp_path / "cmp"))
+    assert prepare_sft(other, 0)[1] == "--sft-from" and not os.path.exists(tmp_path / "other" / "seed-0" / "sft")
+    assert sft_dir(other, 0) == str(tmp_path / "cmp" / "seed-0" / "sft")
+    demo_out = tmp_path / "demo_out"  # a `prefalign demo --output DIR` layout: DIR/sft
+    shutil.copytree(tmp_path / "cmp" / "seed-0" / "sft", demo_out / "sft")
+    assert sft_dir(dataclasses.replace(other, sft_from=str(demo_out)), 0) == str(demo_out / "sft")
+    with pytest.raises(UserError, match="no SFT model for seed 1"):
+        prepare_sft(dataclasses.replace(other, seeds=2), 1)
+    with pytest.raises(UserError, match="other settings.*sft_steps"):  # a model trained otherwise is refused
+        sft_dir(dataclasses.replace(other, sft_from=str(_stale(tmp_path))), 0)
+
+
+def _stale(tmp_path):
+    """A demo output whose SFT model was trained with other settings (its stamp says so)."""
+    d = tmp_path / "stale" / "sft"
+    (d / "model").mkdir(parents=True)
+    key = sft_cache_key(DemoSettings.quick(0))
+    (d / "demo_settings.json").write_text(json.dumps({**key, "sft_steps": key["sft_steps"] + 1}))
+    return tmp_path / "stale"
+
+
+def test_compare_defaults_come_from_demo_settings():
+    # One source of truth: unset numbers are DemoSettings' on the demo task; flags override them.
+    r = CompareSettings().resolved()
+    d = DemoSettings()
+    assert (r.dpo_lr, r.beta, r.sample_prompts, r.pairs_per_prompt, r.samples, r.dpo_steps, r.dpo_batch,
+            r.heldout, r.threads) == (d.dpo_lr, d.beta, d.dpo_prompts, d.pairs_per_prompt, d.samples, d.dpo_steps,
+                                      d.dpo_batch, d.n_heldout, d.threads)
+    assert CompareSettings(beta=0.2).resolved().beta == 0.2
+    user = CompareSettings(model="m", prompts="p", reward=["exact_answer"]).resolved()
+    assert user.dpo_lr == USER_DEFAULTS["dpo_lr"] and user.max_new_tokens == 64
+    assert all(getattr(CompareSettings(), f) is None for f in DEMO_FIELDS)
+
+
+def test_every_compare_flag_has_help():
+    import argparse
+
+    from prefalign.online.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["compare"]
+    flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) == len(dataclasses.fields(CompareSettings))
+    for a in flags:
+        assert a.default is None and len(a.help.split("(default")[0].strip()) > 5, a.option_strings
+    help_text = sub.format_help()
+    assert "(DemoSettings)" in help_text and "5e-05" in help_text  # the demo's dpo lr, read from DemoSettings
 
 
 def test_compare_settings_errors():

@@ -82,6 +82,13 @@ def _run_config(output: str, data: str, settings: DemoSettings, **kw) -> config.
     return config.build(values, where="demo")
 
 
+def sft_cache_key(settings: DemoSettings) -> dict:
+    """The settings the SFT model depends on: OUTPUT/sft/demo_settings.json holds them, and a
+    cached SFT model is reused only when they are equal (also by `prefalign compare --sft-from`)."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k.startswith(("sft_", "seed", "n_held", "carry",
+                                                                                    "random", "precision", "max_op"))}
+
+
 def sft_start(output: str, settings: DemoSettings):
     """(SFT model, tokenizer, splits): a tiny model fine-tuned on noisy demonstrations.
 
@@ -90,8 +97,7 @@ def sft_start(output: str, settings: DemoSettings):
     tok = build_tokenizer()
     sft_dir = os.path.join(output, "sft")
     stamp = os.path.join(sft_dir, "demo_settings.json")
-    key = {k: v for k, v in dataclasses.asdict(settings).items() if k.startswith(("sft_", "seed", "n_held", "carry",
-                                                                                       "random", "precision", "max_op"))}
+    key = sft_cache_key(settings)
     if os.path.isfile(stamp) and json.load(open(stamp)) == key:
         from transformers import AutoModelForCausalLM
 

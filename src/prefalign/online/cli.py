@@ -21,15 +21,23 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of `cls`; defaults stay None so we know which flags were given."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults_help=None) -> None:
+    """One flag per field of `cls`; defaults stay None so we know which flags were given.
+
+    A field's help is its metadata["help"] (if any) and its default; defaults_help(name) may
+    describe the default instead (compare: "the demo's DemoSettings value, ...")."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         default = _default(f)
         flag = "--" + f.name.replace("_", "-")
-        kw = dict(dest=f.name, default=None, help=f"(default: {default!r})")
-        if isinstance(default, bool):
+        shown = defaults_help(f.name) if defaults_help else None
+        shown = shown if shown is not None else f"default: {default!r}"
+        help_ = f"{f.metadata['help']} ({shown})" if f.metadata.get("help") else f"({shown})"
+        kw = dict(dest=f.name, default=None, help=help_.replace("%", "%%"))
+        if default is None:  # the value comes from elsewhere (compare: DemoSettings): the type is in the metadata
+            parser.add_argument(flag, type=f.metadata["type"], metavar=f.name.upper(), **kw)
+        elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):
             elem = float if f.name.endswith("weights") else str
@@ -129,6 +137,17 @@ def cmd_iterate(args):
           + (f" -> {after:.3g} (final policy)" if after is not None else ""))
 
 
+def _compare_default(name: str):
+    """The default of a compare flag that comes from the task (None in CompareSettings), in words."""
+    from prefalign.demo.pipeline import MAX_NEW_TOKENS, DemoSettings
+    from prefalign.online.compare import DEMO_FIELDS, USER_DEFAULTS
+
+    if name not in USER_DEFAULTS:
+        return None
+    demo = MAX_NEW_TOKENS if name == "max_new_tokens" else getattr(DemoSettings(), DEMO_FIELDS[name])
+    return f"default: demo task {demo!r} (DemoSettings); your task {USER_DEFAULTS[name]!r}"
+
+
 def cmd_compare(args):
     from prefalign.online.compare import CompareSettings, compare
 
@@ -179,6 +198,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_iterate)
 
     p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO from the same SFT model: "
-                                       "held-out score, stability, time, memory (demo task by default)")
-    add_dataclass_flags(p, CompareSettings)
+                                       "held-out score, stability, time, memory (demo task by default)",
+                       description="Aligns one SFT model three ways and writes OUTPUT/report.md (table + plots). "
+                                   "Without --model it runs on the demo task, whose numbers default to "
+                                   "`prefalign demo`'s (DemoSettings); see docs/compare.md.")
+    add_dataclass_flags(p, CompareSettings, defaults_help=_compare_default)
     p.set_defaults(func=cmd_compare)
