@@ -205,6 +205,34 @@ def _reduce(sums: dict, device, world: int) -> dict:
     return dict(zip(keys, vec.tolist()))
 
 
+def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params, rank: int, world: int):
+    """Gradients of one optimizer step's examples (this process's micro-batches), averaged over
+    processes and clipped; returns the step's metrics (global means) and the gradient norm."""
+    per_micro, per_step = cfg.batch_size, len(step_items)
+    # SFT normalises by completion tokens in the whole step; the others by examples.
+    denom = (sum(len(i.completion_ids) + 1 for i in step_items) if s.spec is None else per_step) / world
+    sums: dict = {}
+    loss_value = 0.0
+    for j in range(cfg.grad_accum):
+        lo = (j * world + rank) * per_micro
+        loss, m = micro_step(s, cfg, step_items[lo:lo + per_micro], ac)
+        (loss / denom).backward()
+        loss_value += loss.item() / denom
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    if world > 1:
+        _all_reduce_grads(params, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    # Each process's loss_value is its share scaled by world/denominator: the sum over
+    # processes (in _reduce) divided by world is the step's mean loss.
+    sums["loss"] = loss_value
+    reduced = _reduce(sums, params[0].device, world)
+    kto = s.spec is not None and s.spec.kind == "unpaired"
+    record = _normalise({k: v for k, v in reduced.items() if k != "loss"}, per_step, kto)
+    record["loss"] = reduced["loss"] / world
+    return record, grad_norm
+
+
 def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
     """Run one offline training job described by `cfg`; returns what it logged."""
     from accelerate import Accelerator
@@ -257,9 +285,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     alarm = BothDropAlarm(cfg.both_drop_threshold, trainer_state.get("alarm"))
     console = Console(total, cfg.progress and rank0, start, messages=rank0)
 
-    per_micro = cfg.batch_size
-    per_step = per_micro * cfg.grad_accum * world
-    kto = s.spec is not None and s.spec.kind == "unpaired"
+    per_step = cfg.batch_size * cfg.grad_accum * world
     history, stopped, nonfinite, done = [], "", trainer_state.get("nonfinite_in_row", 0), start
     skipped_steps = trainer_state.get("skipped_steps", 0)
 
@@ -278,26 +304,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             done = step + 1
             idx = step_indices(len(s.items), step, per_step, cfg.seed)
             step_items = [s.items[i] for i in idx]
-            # SFT normalises by completion tokens in the whole step; the others by examples.
-            denom = (sum(len(i.completion_ids) + 1 for i in step_items) if s.spec is None else per_step) / world
-            sums: dict = {}
-            loss_value = 0.0
-            for j in range(cfg.grad_accum):
-                lo = (j * world + acc.process_index) * per_micro
-                loss, m = micro_step(s, cfg, step_items[lo:lo + per_micro], ac)
-                (loss / denom).backward()
-                loss_value += loss.item() / denom
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-            if world > 1:
-                _all_reduce_grads(params, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            # Each process's loss_value is its share scaled by world/denominator: the sum over
-            # processes (in _reduce) divided by world is the step's mean loss.
-            sums["loss"] = loss_value
-            reduced = _reduce(sums, device, world)
-            record = _normalise({k: v for k, v in reduced.items() if k != "loss"}, per_step, kto)
-            record["loss"] = reduced["loss"] / world
+            record, grad_norm = forward_backward(s, cfg, step_items, ac, params, acc.process_index, world)
             finite = math.isfinite(record["loss"]) and math.isfinite(float(grad_norm))
             if finite:
                 opt.step()
