@@ -8,7 +8,6 @@ reference, a large beta keeps it close.
 
 from __future__ import annotations
 
-from prefalign.demo import pipeline
 from prefalign.experiments import common
 
 BETAS = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -28,7 +27,7 @@ def run(ctx: common.Context) -> common.Result:
     for beta in BETAS:
         ctx.say(f"DPO beta {beta}: {s.dpo_steps} steps of {s.dpo_batch} pairs")
         with ctx.timer("dpo"):
-            res = pipeline.dpo(ctx.path(f"beta-{beta}"), start.sft, start.tok, start.train_file, start.eval_file, s,
+            res = common.dpo(ctx.path(f"beta-{beta}"), start.sft, start.tok, start.train_file, start.eval_file, s,
                                beta=beta, save_model=False)
         runs[beta] = res.history
         out = common.evaluate(ctx, start, res.policy)

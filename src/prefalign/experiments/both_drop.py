@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from prefalign import checkpoint
 from prefalign.config import TrainConfig
-from prefalign.demo import pipeline
 from prefalign.experiments import common
 
 BETA = 0.01
@@ -46,7 +45,7 @@ def run(ctx: common.Context) -> common.Result:
     ctx.say(f"overtraining DPO: beta {BETA}, {n_pairs} pairs, {steps} steps of {batch} "
             f"({steps * batch / n_pairs:.0f} epochs), checkpoints every {every} steps")
     with ctx.timer("dpo"):
-        res = pipeline.dpo(ctx.path("dpo"), start.sft, start.tok, pairs_file, start.eval_file, s, beta=BETA, lr=LR,
+        res = common.dpo(ctx.path("dpo"), start.sft, start.tok, pairs_file, start.eval_file, s, beta=BETA, lr=LR,
                            max_steps=steps, batch_size=batch, save_every=every, keep_checkpoints=steps // every + 1,
                            save_model=False)
     hist = res.history

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import random
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -112,10 +111,23 @@ def teacher_pairs(problems: list[task.Problem], seed: int) -> list[dict]:
 
 def demo_start(ctx: Context, min_pairs: int | None = None) -> Start:
     """The SFT model and its on-policy pairs (train and held-out), cached in ctx.cache."""
-    from prefalign.online.pairs import read_pairs, write_pairs
+    import fcntl
 
     s = ctx.settings
     min_pairs = min_pairs if min_pairs is not None else s.dpo_batch
+    os.makedirs(ctx.cache, exist_ok=True)
+    # Experiments started side by side share the cache: one trains the SFT model, the others wait.
+    with open(os.path.join(ctx.cache, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _start_locked(ctx, s, min_pairs)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _start_locked(ctx: Context, s: DemoSettings, min_pairs: int) -> Start:
+    from prefalign.online.pairs import read_pairs, write_pairs
+
     with ctx.timer("sft (cached after the first run)"):
         sft, tok, splits = pipeline.sft_start(ctx.cache, s)
     sft.eval()
@@ -142,6 +154,17 @@ def demo_start(ctx: Context, min_pairs: int | None = None) -> Start:
     with open(meta_file, "w") as fh:
         json.dump({"topped_up": topped, "pairs": len(pairs), "eval_pairs": len(eval_pairs)}, fh)
     return Start(sft, tok, splits, train_file, eval_file, pairs, eval_pairs, topped)
+
+
+def dpo(*args, **kwargs):
+    """pipeline.dpo, but a run that stopped early (a signal, the both-drop stop) is an error: an
+    experiment must not report a half-trained policy as the result."""
+    from prefalign.errors import UserError
+
+    res = pipeline.dpo(*args, **kwargs)
+    if res.stopped:
+        raise UserError(f"training run {res.output} stopped early ({res.stopped}); the experiment is incomplete")
+    return res
 
 
 def write_rows(path: str, rows: list[dict]) -> str:
@@ -302,7 +325,3 @@ def write_report(ctx: Context, res: Result) -> dict:
         print(res.verdict)
     print(f"report: {ctx.path('report.md')}")
     return summary
-
-
-def quote_argv(argv: list[str]) -> str:
-    return "prefalign " + " ".join(shlex.quote(a) for a in argv)

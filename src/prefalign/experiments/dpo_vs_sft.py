@@ -42,7 +42,7 @@ def run(ctx: common.Context) -> common.Result:
     for i, (name, kw) in enumerate(variants):
         ctx.say(f"{name}: {s.dpo_steps} steps of {s.dpo_batch}")
         with ctx.timer("training"):
-            res = pipeline.dpo(ctx.path(f"run-{i}"), start.sft, start.tok, start.train_file, "", s, save_model=False,
+            res = common.dpo(ctx.path(f"run-{i}"), start.sft, start.tok, start.train_file, "", s, save_model=False,
                                **kw)
         hists[name] = res.history
         rows.append({"run": name, **measure(res.policy)})

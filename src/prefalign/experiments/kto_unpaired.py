@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 
-from prefalign.demo import pipeline
 from prefalign.experiments import common
 
 
@@ -56,7 +55,7 @@ def run(ctx: common.Context) -> common.Result:
     for i, (name, data, kw, counts, _kind) in enumerate(variants):
         ctx.say(f"{name}: {s.dpo_steps} steps")
         with ctx.timer(kw["loss"]):
-            res = pipeline.dpo(ctx.path(f"run-{i}"), start.sft, start.tok, data, "", s, save_model=False, **kw)
+            res = common.dpo(ctx.path(f"run-{i}"), start.sft, start.tok, data, "", s, save_model=False, **kw)
         hists[name] = res.history
         rows.append({"run": name, "data (good:bad)": counts, **common.evaluate(ctx, start, res.policy)})
     cols = ["run", "data (good:bad)", "score (greedy)", "score (sampled)", "pref. accuracy (held-out)",

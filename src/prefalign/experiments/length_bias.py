@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import random
 
-from prefalign.demo import pipeline, task
+import torch
+
+from prefalign.demo import task
 from prefalign.experiments import common
 from prefalign.online.generate import SamplingConfig, generate
 
 FILLER = " "
 LONG_TOKENS = 10
+# Stronger than the demo's gentle DPO (beta 0.5, lr 5e-5), which barely moves the filler's probability
+# in 150 steps; the same push as ipo-vs-dpo.
+BETA, LR = 0.1, 2e-4
 
 
 def pad_pairs(pairs: list[dict], seed: int, both: bool) -> list[dict]:
@@ -45,23 +50,40 @@ def greedy_long(model, tok, problems: list[task.Problem], seed: int) -> dict:
             "filler tokens": sum(len(t) - len(t.rstrip()) for t in gen.texts) / n}
 
 
+@torch.no_grad()
+def filler_prob(model, tok, problems: list[task.Problem]) -> float:
+    """Mean probability of a filler token right after the correct answer: P(" " | "a+b=" + answer).
+    Continuous, so it shows the pull toward filler before greedy answers flip to it."""
+    space = tok.convert_tokens_to_ids(FILLER)
+    groups: dict[int, list[list[int]]] = {}
+    for p in problems:
+        ids = tok(p.prompt + task.format_completion(p.answer))["input_ids"]
+        groups.setdefault(len(ids), []).append(ids)
+    total = 0.0
+    for seqs in groups.values():
+        logits = model(input_ids=torch.tensor(seqs)).logits[:, -1].float()
+        total += logits.softmax(-1)[:, space].sum().item()
+    return total / len(problems)
+
+
 def run(ctx: common.Context) -> common.Result:
     start = common.demo_start(ctx)
     s = ctx.settings
     biased = common.write_rows(ctx.path("data", "biased.jsonl"), pad_pairs(start.pairs, s.seed, both=False))
     balanced = common.write_rows(ctx.path("data", "balanced.jsonl"), pad_pairs(start.pairs, s.seed, both=True))
     variants = [
-        ("DPO, clean pairs", start.train_file, {}),
-        ("DPO, biased (chosen longer)", biased, {}),
-        ("DPO, balanced (both padded)", balanced, {}),
+        ("DPO, clean pairs", start.train_file, dict(beta=BETA)),
+        ("DPO, biased (chosen longer)", biased, dict(beta=BETA)),
+        ("DPO, balanced (both padded)", balanced, dict(beta=BETA)),
         ("SimPO (per-token means), biased", biased, dict(loss="simpo", beta=2.0, gamma=0.5)),
-        ("IPO ipo_average_logps, biased", biased, dict(loss="ipo", ipo_average_logps=True)),
+        ("IPO ipo_average_logps, biased", biased, dict(loss="ipo", beta=BETA, ipo_average_logps=True)),
     ]
 
     def measure(model) -> dict:
         out = common.evaluate(ctx, start, model, pref=False)
         with ctx.timer("evaluation"):
             out.update(greedy_long(model, start.tok, start.splits.heldout, s.seed))
+            out["P(filler after answer)"] = filler_prob(model, start.tok, start.splits.heldout)
         return out
 
     rows = [{"run": "SFT (reference)", **measure(start.sft)}]
@@ -69,10 +91,10 @@ def run(ctx: common.Context) -> common.Result:
     for i, (name, data, kw) in enumerate(variants):
         ctx.say(f"{name}: {s.dpo_steps} steps")
         with ctx.timer("training"):
-            res = pipeline.dpo(ctx.path(f"run-{i}"), start.sft, start.tok, data, "", s, save_model=False, **kw)
+            res = common.dpo(ctx.path(f"run-{i}"), start.sft, start.tok, data, "", s, save_model=False, lr=LR, **kw)
         hists[name] = res.history
         rows.append({"run": name, **measure(res.policy)})
-    cols = ["run", "greedy length (tokens)", "ends in filler", "filler tokens", "score (greedy, 10 tok)",
+    cols = ["run", "greedy length (tokens)", "ends in filler", "filler tokens", "P(filler after answer)", "score (greedy, 10 tok)",
             "score (sampled)", "KL (sampled)"]
     names = [r["run"] for r in rows]
     fig = common.plot(ctx.path("plots", "length_bias.png"), [
@@ -103,6 +125,9 @@ def run(ctx: common.Context) -> common.Result:
         verdict = (f"Does NOT match: length changed by {grew:+.2f} tokens, score {clean[S]:.3f} -> {bias[S]:.3f}. ")
     verdict += (f"The effect shrank (to under half the growth) with: {', '.join(fixes)}." if fixes else
                 "None of the fixes halved the growth.")
+    F = "P(filler after answer)"
+    verdict += (f" P(filler after a correct answer): SFT {rows[0][F]:.3f}, clean {clean[F]:.3f}, biased {bias[F]:.3f}, "
+                f"balanced {bal[F]:.3f}, SimPO {simpo[F]:.3f}, IPO-means {ipo[F]:.3f}.")
     notshrunk = [n for n, r in (("balancing", bal), ("SimPO", simpo), ("IPO on means", ipo)) if not shrink(r)]
     if fixes and notshrunk:
         verdict += f" Not with: {', '.join(notshrunk)}."
@@ -112,7 +137,7 @@ def run(ctx: common.Context) -> common.Result:
         claim="if chosen responses are systematically longer, DPO learns 'longer is better' and becomes verbose "
               "without getting better; length-balancing the data (or a length-normalised loss) shrinks the effect.",
         notes=[f"{len(start.pairs)} on-policy pairs; filler = 1-3 trailing spaces (the verifier strips them). Every run: "
-               f"{s.dpo_steps} steps of {s.dpo_batch} pairs, lr {s.dpo_lr}, beta {s.beta} (SimPO: beta 2, gamma 0.5). "
+               f"{s.dpo_steps} steps of {s.dpo_batch} pairs, lr {LR}, beta {BETA} (SimPO: beta 2, gamma 0.5). "
                f"Lengths count generated tokens including EOS, greedy, limit {LONG_TOKENS}. 'score (sampled)' and KL use "
                f"the demo's 5-token limit.",
                "Why the normalised losses need not help here: the filler is a marker present only in chosen answers, "

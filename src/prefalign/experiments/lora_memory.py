@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import multiprocessing
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -138,9 +137,9 @@ def run(ctx: common.Context) -> common.Result:
                f"{full['AdamW state (MB)']:.0f} MB; training added {lora['peak - model (MB)']:.0f} MB (adapters-off "
                f"reference) vs {full['peak - model (MB)']:.0f} MB for full fine-tuning with a reference copy. "
                f"{'Only adapter weights changed under LoRA (every base tensor bit-identical)' if only_adapters else 'Some base weights changed under LoRA!'}"
-               f"{'; full fine-tuning changed every tensor' if all_full else ''}. Precomputing the reference "
-               f"moves its forward out of the step: {lora['step (s)']:.3f}s -> {lora_pre['step (s)']:.3f}s per step "
-               f"(LoRA), {full['step (s)']:.3f}s -> {full_pre['step (s)']:.3f}s (full).")
+               f"{'; full fine-tuning changed every tensor' if all_full else ''}. Median step time without -> with "
+               f"a precomputed reference: {lora['step (s)']:.3f}s -> {lora_pre['step (s)']:.3f}s (LoRA), "
+               f"{full['step (s)']:.3f}s -> {full_pre['step (s)']:.3f}s (full); a few steps on a shared CPU are noisy.")
     return common.Result(
         title="lora-memory: full fine-tuning vs LoRA DPO", rows=rows, figures=[fig], verdict=verdict,
         claim="DPO + LoRA: the policy is base + adapters, the reference is the frozen base; only the adapters "
