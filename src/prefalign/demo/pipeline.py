@@ -19,6 +19,7 @@ import torch
 
 from prefalign import config, train
 from prefalign.demo import task
+from prefalign.errors import UserError
 from prefalign.demo.model import build_model
 from prefalign.demo.tokenizer import build_tokenizer
 from prefalign.online.generate import SamplingConfig, generate
@@ -110,6 +111,8 @@ def sft_start(output: str, settings: DemoSettings):
                       warmup_steps=settings.sft_warmup, lr_schedule="linear", max_steps=settings.sft_steps,
                       batch_size=settings.sft_batch, adam_beta2=0.98, log_every=10)
     result = train.train(cfg, model=build_model(tok, seed=settings.seed), tokenizer=tok)
+    if result.stopped:  # a half-trained model must never be mistaken for the cached SFT start
+        raise UserError(f"SFT stopped early ({result.stopped}); run the command again to train it")
     with open(stamp, "w") as fh:
         json.dump(key, fh)
     return result.policy.eval(), tok, splits
