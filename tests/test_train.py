@@ -228,3 +228,15 @@ def test_bf16_autocast_tracks_fp32(run_files, tmp_path):
     assert b.history[0]["logps/chosen"] == pytest.approx(a.history[0]["logps/chosen"], rel=2e-2)
     assert b.history[0]["logps/chosen"] != a.history[0]["logps/chosen"]  # autocast really ran in bf16
     assert torch.isfinite(torch.tensor(b.history[-1]["loss"]))
+
+
+def test_tensorboard_logs_the_same_scalars(run_files, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = train.train(cfg_for(run_files, tmp_path / "tb", max_steps=3, tensorboard=True, save_model=False))
+    events = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert losses == pytest.approx([h["loss"] for h in r.history], rel=1e-6)
+    assert "rewards/margins" in events.Tags()["scalars"]
