@@ -49,6 +49,27 @@ def test_two_processes_equal_one(run_files, tmp_path):
     assert_same_weights(weights(tmp_path / "one"), weights(two), atol=1e-5)
 
 
+def test_kto_two_processes_equal_one(run_files, tmp_path):
+    """KTO's KL reference point is estimated over the whole step and all-reduced: 2 processes x
+    batch 2 == 1 process x batch 4, loss, KL and weights (live reference copy, packed rows)."""
+    common = ["--model", run_files["model"], "--data", run_files["data"], "--lr", "1e-3", "--lr-schedule",
+              "constant", "--max-steps", "3", "--max-length", "64", "--no-progress", "--seed", "0", "--loss", "kto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "prefalign.cli", "train", *common, "--output", str(two),
+                           "--batch-size", "2", "--num-processes", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train.train(cfg_for(run_files, tmp_path / "one", loss="kto", max_steps=3, batch_size=4, packing=True))
+    a, b = metrics(tmp_path / "one"), metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            assert rb[k] == pytest.approx(ra[k], abs=1e-5), (ra["step"], k)
+    assert a[2]["kl"] != 0
+    assert_same_weights(weights(tmp_path / "one"), weights(two), atol=1e-5)
+
+
 @pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_sharded_launchers_are_refused(run_files, tmp_path, monkeypatch, capsys, var):
     """Under FSDP or DeepSpeed the loop would bypass the wrapper: a clear error, not a wrong run."""

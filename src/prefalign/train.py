@@ -142,10 +142,17 @@ def _all_reduce_grads(params, world: int) -> None:
         offset += g.numel()
 
 
-def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac):
-    """Forward one micro-batch: (loss summed over its examples, metric sums)."""
-    kw = dict(pad_id=s.tokenizer.pad_token_id, chunk_size=cfg.chunk_size, packing=cfg.packing,
-              token_budget=cfg.token_budget)
+def _logp_kw(s: prepare.Setup, cfg: TrainConfig) -> dict:
+    return dict(pad_id=s.tokenizer.pad_token_id, chunk_size=cfg.chunk_size, packing=cfg.packing,
+                token_budget=cfg.token_budget)
+
+
+def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac, kl: torch.Tensor | None = None):
+    """Forward one micro-batch: (loss summed over its examples, metric sums).
+
+    `kl`: KTO's reference point for the step (see `kto_kl`); computed here from the micro-batch
+    alone when not given (evaluation)."""
+    kw = _logp_kw(s, cfg)
     if s.spec is None:  # SFT
         with ac():
             pol = objective.completion_logps(s.policy, [i.prompt_ids for i in items],
@@ -158,7 +165,8 @@ def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac):
         with ac():
             pol = objective.completion_logps(s.policy, prompts, comps, **kw)
         ref = s.reference.completion_logps(prompts, comps)
-        kl = kto_kl(s, prompts, comps, kw, ac)
+        if kl is None:
+            kl = kto_kl(s, cfg, items, ac, rank=0, world=1)
         return objective.kto_loss(s.spec, cfg, pol, ref, desirable, kl)
     with ac():
         pol = objective.pair_logps(s.policy, items, **kw)
@@ -168,18 +176,25 @@ def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac):
     return objective.paired_loss(s.spec, cfg, pol, ref, s.loss_state)
 
 
-def kto_kl(s: prepare.Setup, prompts, comps, kw, ac) -> torch.Tensor:
+def kto_kl(s: prepare.Setup, cfg: TrainConfig, items, ac, rank: int, world: int) -> torch.Tensor:
     """KTO's reference point: KL(policy || ref) estimated on mismatched (prompt_i, completion_i-1)
-    pairs of the batch, averaged over processes; no gradient flows through it."""
-    shifted = comps[-1:] + comps[:-1]
-    with torch.no_grad(), ac():
-        pol = objective.completion_logps(s.policy, prompts, shifted, **kw)
-    ref = s.reference.completion_logps(prompts, shifted)
-    kl = (pol.sum - ref.sum).mean().detach()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(kl)
-        kl /= dist.get_world_size()
-    return kl
+    pairs of the whole optimizer step, so it does not depend on how the step is split into
+    micro-batches or processes. Each process scores every world-th mismatched pair; the sum is
+    all-reduced. No gradient flows through it."""
+    mine = list(range(rank, len(items), world))
+    prompts = [items[i].prompt_ids for i in mine]
+    shifted = [items[i - 1].completion_ids for i in mine]  # i - 1 = -1 wraps to the last item
+    total = torch.zeros((), dtype=torch.float64, device=s.policy.device)
+    with torch.no_grad():
+        for lo in range(0, len(mine), cfg.batch_size):
+            with ac():
+                pol = objective.completion_logps(s.policy, prompts[lo:lo + cfg.batch_size],
+                                                 shifted[lo:lo + cfg.batch_size], **_logp_kw(s, cfg))
+            ref = s.reference.completion_logps(prompts[lo:lo + cfg.batch_size], shifted[lo:lo + cfg.batch_size])
+            total += (pol.sum - ref.sum.to(pol.sum.device)).double().sum()
+    if world > 1:
+        dist.all_reduce(total)
+    return (total / len(items)).float()
 
 
 def _normalise(sums: dict, n: float, kto: bool) -> dict:
@@ -213,9 +228,11 @@ def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params,
     denom = (sum(len(i.completion_ids) + 1 for i in step_items) if s.spec is None else per_step) / world
     sums: dict = {}
     loss_value = 0.0
+    kto = s.spec is not None and s.spec.kind == "unpaired"
+    kl = kto_kl(s, cfg, step_items, ac, rank, world) if kto else None
     for j in range(cfg.grad_accum):
         lo = (j * world + rank) * per_micro
-        loss, m = micro_step(s, cfg, step_items[lo:lo + per_micro], ac)
+        loss, m = micro_step(s, cfg, step_items[lo:lo + per_micro], ac, kl)
         (loss / denom).backward()
         loss_value += loss.item() / denom
         for k, v in m.items():
@@ -227,7 +244,6 @@ def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params,
     # processes (in _reduce) divided by world is the step's mean loss.
     sums["loss"] = loss_value
     reduced = _reduce(sums, params[0].device, world)
-    kto = s.spec is not None and s.spec.kind == "unpaired"
     record = _normalise({k: v for k, v in reduced.items() if k != "loss"}, per_step, kto)
     record["loss"] = reduced["loss"] / world
     return record, grad_norm
