@@ -40,7 +40,7 @@ def pair_metrics(s: prepare.Setup, cfg, ac, items=None, batch_size: int | None =
 
 @torch.no_grad()
 def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 64,
-               temperature: float = 1.0, seed: int = 0, batch_size: int = 16, ac=None) -> dict:
+               temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> dict:
     """KL(pi || ref) on samples of the policy, with their mean length.
 
     `reference` is a prefalign.reference.Reference (copy or adapters-off)."""

@@ -113,8 +113,6 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
     if cfg.eval_data:
         eval_items, _ = load_items(cfg, tokenizer, cfg.eval_data, kind,
                                    os.path.join(cfg.output, "rejects_eval.jsonl") if cfg.output else None, log)
-    if kind == "unpaired" and cfg.packing:
-        pass  # unpaired rows are padded; packing applies to pairs
     if model is None:
         model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, qlora=cfg.qlora)
     if cfg.lora_r > 0 and not models.is_peft(model):

@@ -83,6 +83,6 @@ def run(ctx: common.Context) -> common.Result:
         notes=[f"From {len(start.pairs)} on-policy pairs: {len(good)} distinct desirable and {len(bad)} distinct "
                f"undesirable completions. Every run: {s.dpo_steps} steps, lr {s.dpo_lr}, beta {s.beta}; DPO "
                f"batches {s.dpo_batch} pairs, KTO {kb} single completions (the same number of "
-               f"completions per step). KTO's reference point z is the batch's mismatched-pair KL estimate."],
+               f"completions per step). KTO's reference point z is the KL estimate on the step's mismatched pairs."],
         extra={"good": len(good), "bad": len(bad), "few_good": len(few_good)},
     )
