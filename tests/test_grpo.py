@@ -82,11 +82,12 @@ def cfg_(**kw):
     return GRPOConfig(**base)
 
 
+@pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_per_token_logps_equal_full_logits(tok, temperature):
+def test_per_token_logps_equal_full_logits(tok, temperature, packing):
     model = tiny(tok)
     prompts, comps = batch()
-    lp, mask = completion_token_logps(model, prompts, comps, pad_id=0, temperature=temperature)
+    lp, mask = completion_token_logps(model, prompts, comps, pad_id=0, temperature=temperature, packing=packing)
     want = naive_token_logps(model, prompts, comps, temperature)
     assert lp.shape == (4, 4) and mask.sum().item() == sum(map(len, comps))
     for i, w in enumerate(want):
@@ -175,6 +176,33 @@ def test_several_updates_use_old_logps_of_the_sampling_policy(tok):
     for g, w in zip(opt.grads[1], grads):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
     assert m["clip_fraction"] > 0  # lr 0.5 moves the policy past the 5% clip on some tokens
+
+
+@pytest.mark.parametrize("aggregation,micro_batch", [("grpo", 0), ("dapo", 3)])
+def test_packed_update_equals_padded(tok, aggregation, micro_batch):
+    # beta > 0 (reference log-probs), mu = 2 (old-policy log-probs) and, with micro_batch 3,
+    # a micro-batch that splits the second group: every log-prob takes the packed path.
+    results = {}
+    for packing in (False, True):
+        model, ref = tiny(tok, seed=0), tiny(tok, seed=1)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        cfg = cfg_(packing=packing, beta=0.3, mu=2, clip_eps=0.05, aggregation=aggregation, micro_batch=micro_batch)
+        results[packing] = run_update(model, ref, cfg, torch.tensor([1.0, -1.0, 0.5, -0.5]), lr=0.5)
+    (m0, opt0), (m1, opt1) = results[False], results[True]
+    assert m1.keys() == m0.keys()
+    for k in m0:
+        assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-5), k
+    assert m0["clip_fraction"] > 0  # the second step's ratio moved past the clip: old log-probs matter
+    for step in range(2):
+        for g1, g0 in zip(opt1.grads[step], opt0.grads[step]):
+            torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-5)
+
+
+def test_token_budget_too_small_is_a_user_error(tok):
+    model = tiny(tok)
+    with pytest.raises(UserError, match="token budget"):
+        run_update(model, None, cfg_(token_budget=8), torch.tensor([1.0, -1.0, 0.5, -0.5]))
 
 
 def test_grpo_run_raises_a_trivially_learnable_reward(tok, tmp_path):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from tiny_lms import VOCAB, tiny_lm
 
-from prefalign.data.packing import pack_completions, pack_pairs, packed_logps, packed_pair_logps
+from prefalign.data.packing import (pack_completions, pack_groups, pack_pairs, packed_logps, packed_pair_logps,
+                                    packed_token_logps)
 from prefalign.logprobs import sequence_logps
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -178,6 +179,80 @@ def test_bf16_autocast_close():
     assert c.sum.dtype == torch.float32
     torch.testing.assert_close(c.sum, rc, rtol=0.01, atol=0.1)  # bf16 matmuls; fp32 reductions
     torch.testing.assert_close(r.sum, rr, rtol=0.01, atol=0.1)
+
+
+EOS = 2  # tiny_lms' eos_token_id
+
+
+def make_groups(seed=0):
+    """GRPO-like completions: prompt k repeated once per sample, lengths differ within a group,
+    single-token completions, EOS-terminated and truncated (no EOS) ones mixed."""
+    g = torch.Generator().manual_seed(seed)
+    tok = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [tok(n) for n in (4, 1, 6)]
+    # (prompt, completion length, EOS-terminated?)
+    spec = [(0, 3, True), (0, 1, False), (0, 6, False), (0, 1, True),   # EOS alone is a 1-token completion
+            (1, 5, True), (1, 2, False), (1, 1, False), (1, 4, True),
+            (2, 2, False), (2, 7, True), (2, 1, True), (2, 3, False)]
+    comps = [tok(n - 1) + [EOS] if eos else tok(n) for _, n, eos in spec]
+    return [prompts[k] for k, _, _ in spec], comps
+
+
+def padded_token_logps(model, prompts, comps, temperature=1.0):
+    from prefalign.online.grpo import completion_token_logps
+
+    return completion_token_logps(model, prompts, comps, pad_id=0, temperature=temperature, packing=False)
+
+
+# Orders of the 12 completions: whole groups; a micro-batch that splits groups (3 + 4 + 1
+# samples, so segments have different branch counts); interleaved prompts (0, 1, 2, 0, 1, 2, ...).
+ORDERS = {"groups": list(range(12)), "split": list(range(1, 9)), "interleaved": [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]}
+
+
+@pytest.mark.parametrize("name,budget,order,temperature", [
+    ("llama", 0, "groups", 1.0), ("qwen2", 20, "split", 0.7), ("gpt2", 30, "interleaved", 1.0),
+])
+def test_packed_token_logps_equal_padded_values_and_grads(name, budget, order, temperature):
+    model = tiny_lm(name)
+    all_prompts, all_comps = make_groups()
+    prompts, comps = [all_prompts[i] for i in ORDERS[order]], [all_comps[i] for i in ORDERS[order]]
+    B, T = len(comps), max(map(len, comps))
+    # Token-dependent weights: a shifted, swapped or mis-ordered token would change the gradient.
+    w = torch.linspace(-1.0, 2.0, B * T).reshape(B, T)
+
+    model.zero_grad()
+    ref, ref_mask = padded_token_logps(model, prompts, comps, temperature)
+    (ref * w).sum().backward()
+    ref_grads = param_grads(model)
+
+    model.zero_grad()
+    packed = pack_groups(prompts, comps, budget)
+    lp, mask = packed_token_logps(model, packed, chunk_size=5, temperature=temperature)
+    (lp * w).sum().backward()
+    grads = param_grads(model)
+
+    groups = len({tuple(p) for p in prompts})
+    assert packed.num_items == groups and packed.num_seqs == B  # one segment per distinct prompt
+    assert packed.num_tokens == sum(len(p) for p in {tuple(p): p for p in prompts}.values()) + sum(map(len, comps))
+    if budget:
+        assert packed.input_ids.shape[1] <= budget
+    assert lp.dtype == torch.float32 and mask.tolist() == ref_mask.tolist()
+    torch.testing.assert_close(lp, ref, **TOL)
+    assert bool((lp[~mask] == 0).all())
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], **TOL, msg=lambda m: f"{n}: {m}")
+
+
+def test_pack_groups_layout():
+    # prompt A's two completions split around prompt B's: one segment per prompt, outputs in input order
+    packed = pack_groups([[11, 12], [13], [11, 12]], [[21, 22], [31], [41]], 16)
+    assert packed.input_ids.tolist() == [[11, 12, 21, 22, 41, 13, 31]]  # longest segment first
+    assert packed.position_ids[0].tolist() == [0, 1, 2, 3, 2, 0, 1]
+    assert packed.num_branches == 0 and packed.num_seqs == 3  # 2 and 1 branches: ragged
+    assert packed.targets.tolist() == [21, 22, 41, 31] and packed.seq.tolist() == [0, 0, 2, 1]
+    lp, mask = packed_token_logps(tiny_lm("llama"), packed)
+    assert mask.tolist() == [[True, True], [True, False], [True, False]]
 
 
 def test_errors():

@@ -100,8 +100,12 @@ def _as_linear(module: nn.Module) -> nn.Module:
     return module
 
 
-def output_head(model: nn.Module) -> Head:
-    """The output head of any HF causal LM (PEFT-wrapped too), as weight/bias/scale/softcap."""
+def output_head(model: nn.Module, temperature: float = 1.0) -> Head:
+    """The output head of any HF causal LM (PEFT-wrapped too), as weight/bias/scale/softcap.
+
+    temperature: logits / T, the distribution a sampler drew from (online RL). For a softcapped
+    head T acts before the cap here, after it in samplers: an approximation there only.
+    """
     lm = _unwrap_peft(model)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     model_type = getattr(config, "model_type", "")
@@ -122,7 +126,7 @@ def output_head(model: nn.Module) -> Head:
         if value is not None:
             scale = float(value) if op == "mul" else 1.0 / float(value)
     softcap = getattr(config, "final_logit_softcapping", None)
-    return Head(head.weight, head.bias, scale, float(softcap) if softcap is not None else None)
+    return Head(head.weight, head.bias, scale / temperature, float(softcap) if softcap is not None else None)
 
 
 # ---------------------------------------------------------------------------

@@ -27,7 +27,8 @@ floats. `attention_mask_for(model, packed)` picks the right one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -48,7 +49,9 @@ class PackedBatch:
     """Several segments [prompt | branch 1 | ... | branch K] per row, block-diagonal.
 
     Output sequences are numbered seq = item * K + (branch - 1): for pairs (K = 2),
-    chosen of item i is 2i and rejected 2i + 1.
+    chosen of item i is 2i and rejected 2i + 1. Items may have different numbers of
+    branches (GRPO groups split by a micro-batch): then K = 0 and seq counts on through
+    the items' branches in order.
     """
 
     input_ids: Tensor  # [R, L] long
@@ -59,7 +62,8 @@ class PackedBatch:
     targets: Tensor  # [N] long, the scored token
     seq: Tensor  # [N] long, output sequence of each scored token
     num_items: int  # pairs (or prompts)
-    num_branches: int  # K: 2 for pairs, 1 for single completions
+    num_branches: int  # K: 2 for pairs, 1 for single completions, 0 when items differ
+    num_seqs: int  # output sequences: sum of every item's branches (num_items * K when K > 0)
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +107,9 @@ def _segment(prompt: Sequence[int], branches: Sequence[Sequence[int]]):
 def _pack(items: list[tuple[Sequence[int], list[Sequence[int]]]], token_budget: int) -> PackedBatch:
     if not items:
         raise ValueError("empty batch")
-    K = len(items[0][1])
+    counts = [len(branches) for _, branches in items]
+    first = [0, *accumulate(counts)][:-1]  # seq of item i's first branch (= i * K when uniform)
+    K = counts[0] if len(set(counts)) == 1 else 0
     lengths = [len(prompt) + sum(len(c) for c in branches) for prompt, branches in items]
     too_long = [i for i, n in enumerate(lengths) if n > token_budget]
     if too_long:
@@ -145,14 +151,14 @@ def _pack(items: list[tuple[Sequence[int], list[Sequence[int]]]], token_budget: 
             for offset, tok, k in scored:
                 src.append(r * L + col + offset)
                 targets.append(tok)
-                seq.append(i * K + k - 1)
+                seq.append(first[i] + k - 1)
             col += n
     # Padding positions: count up from 0 so absolute-position models (GPT-2) stay in range.
     pad = segment_ids < 0
     position_ids[pad] = (pad.cumsum(1) - 1)[pad]
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return PackedBatch(input_ids, position_ids, segment_ids, branch_ids, as_long(src), as_long(targets),
-                       as_long(seq), len(items), K)
+                       as_long(seq), len(items), K, sum(counts))
 
 
 def pack_pairs(pairs, token_budget: int) -> PackedBatch:
@@ -196,8 +202,8 @@ def _check_sliding_window(model, packed: PackedBatch) -> None:
             )
 
 
-def packed_logps(model, packed: PackedBatch, chunk_size: int | None = None) -> SeqLogps:
-    """Summed log-probs and counts of every output sequence: SeqLogps([num_items * K], [num_items * K])."""
+def _scored_logps(model, packed: PackedBatch, chunk_size: int | None, temperature: float = 1.0) -> Tensor:
+    """log p of every scored token, [N] fp32, in the order of packed.src / targets / seq."""
     base = model.get_base_model() if hasattr(model, "peft_config") else model  # PEFT: the config lives here
     _check_sliding_window(base, packed)
     dev = next(base.parameters()).device
@@ -205,8 +211,14 @@ def packed_logps(model, packed: PackedBatch, chunk_size: int | None = None) -> S
     hidden = hidden_states(model, packed.input_ids.to(dev), mask, packed.position_ids.to(dev))  # [R, L, H]
     flat = hidden.reshape(-1, hidden.shape[-1])  # [R * L, H]
     # Only the predicting positions of scored tokens reach the head.
-    lp = token_logps(flat[packed.src.to(dev)], output_head(model), packed.targets.to(dev), chunk_size)  # [N] fp32
-    S = packed.num_items * packed.num_branches
+    head = output_head(model, temperature)
+    return token_logps(flat[packed.src.to(dev)], head, packed.targets.to(dev), chunk_size)  # [N] fp32
+
+
+def packed_logps(model, packed: PackedBatch, chunk_size: int | None = None) -> SeqLogps:
+    """Summed log-probs and counts of every output sequence: SeqLogps([num_seqs], [num_seqs])."""
+    lp = _scored_logps(model, packed, chunk_size)  # [N]
+    S, dev = packed.num_seqs, lp.device
     seq = packed.seq.to(dev)
     total = torch.zeros(S, dtype=torch.float32, device=dev).index_add(0, seq, lp)
     count = torch.zeros(S, dtype=torch.long, device=dev).index_add(0, seq, torch.ones_like(seq))
@@ -219,3 +231,41 @@ def packed_pair_logps(model, packed: PackedBatch, chunk_size: int | None = None)
         raise ValueError(f"expected a batch of pairs (2 branches), got {packed.num_branches}")
     out = packed_logps(model, packed, chunk_size)
     return SeqLogps(out.sum[0::2], out.count[0::2]), SeqLogps(out.sum[1::2], out.count[1::2])
+
+def pack_groups(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                token_budget: int = 0) -> PackedBatch:
+    """GRPO: the completions that share an identical prompt become the branches of one segment
+    [prompt | completion 1 | ... | completion G], so the prompt is computed once per group.
+
+    prompts [B] (one per completion, repeats allowed anywhere), completions [B]. Sequences keep
+    the input order (seq b = completion b) however the groups were split or interleaved.
+    token_budget 0: rows of the longest segment.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    groups: dict[tuple, list[int]] = {}  # prompt -> input indices, in first-appearance order
+    for b, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(b)
+    items = [(list(p), [completions[b] for b in idx]) for p, idx in groups.items()]
+    budget = token_budget or max(len(p) + sum(len(c) for c in cs) for p, cs in items)
+    packed = _pack(items, budget)
+    # _pack numbers sequences group by group; map them back to input positions.
+    order = torch.tensor([b for idx in groups.values() for b in idx], dtype=torch.long)  # [B] packed seq -> input
+    return replace(packed, seq=order[packed.seq])
+
+
+def packed_token_logps(model, packed: PackedBatch, chunk_size: int | None = None,
+                       temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of every output sequence: (logps [S, Tmax] fp32, mask [S, Tmax]), S = num_seqs.
+
+    Row s holds sequence s's tokens in order, zeros after its length (as the padded
+    completion_token_logps). temperature divides the logits (sampling-policy log-probs).
+    """
+    lp = _scored_logps(model, packed, chunk_size, temperature)  # [N]
+    seq = packed.seq.to(lp.device)
+    lengths = torch.bincount(seq, minlength=packed.num_seqs)  # [S]
+    mask = torch.arange(int(lengths.max()), device=lp.device)[None, :] < lengths[:, None]  # [S, Tmax]
+    # A stable sort by sequence keeps each sequence's tokens in order (_segment emits them so),
+    # which is the row-major order of `mask`.
+    by_seq = torch.argsort(seq, stable=True)  # [N]
+    return lp.new_zeros(mask.shape).masked_scatter(mask, lp[by_seq]), mask

@@ -16,7 +16,11 @@ One step (one generation batch):
      the gradient equals the full-batch gradient of the chosen aggregation.
 
 Per-token log-probs come from hidden states through the chunked head (logprobs.token_logps):
-the [B, T, V] logits are never built. Sampling temperature T is applied to the head
+the [B, T, V] logits are never built. With packing (the default) the completions of a
+micro-batch that share a prompt are one segment [prompt | completion 1 | ... | completion G]
+(data.packing.pack_groups): the prompt is computed once per group, and no padding is run.
+A micro-batch that splits a group packs each part with its own copy of the prompt. Policy,
+reference and old-policy log-probs all take the same path (packed or padded). Sampling temperature T is applied to the head
 (scale / T), so the trained distribution is the one that was sampled (TRL does the same).
 
 Metrics (OUTPUT/metrics.jsonl, one line per step): reward/mean, reward/std, rewards/<name>,
@@ -88,6 +92,8 @@ class GRPOConfig:
     max_grad_norm: float = 1.0      # 0 = off
     precision: str = "fp32"         # fp32 | bf16 (autocast; fp32 master weights)
     chunk_size: int = 0             # tokens per chunk of the log-prob head (0 = automatic)
+    packing: bool = True            # one segment [prompt | G completions] per group, no padding; off = padded rows
+    token_budget: int = 0           # tokens per packed row (0 = the longest group of the micro-batch)
     seed: int = 0
     # run
     log_every: int = 1
@@ -115,6 +121,7 @@ class GRPOConfig:
             (self.beta >= 0, f"beta must be >= 0; got {self.beta}"),
             (self.mu >= 1, f"mu must be >= 1; got {self.mu}"),
             (self.micro_batch >= 0, f"micro_batch must be >= 0; got {self.micro_batch}"),
+            (self.token_budget >= 0, f"token_budget must be >= 0 (0 = the longest group); got {self.token_budget}"),
             (0 < self.lr < 1, f"lr must be in (0, 1); got {self.lr}"),
             (self.lr_schedule in ("constant", "linear", "cosine"), f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16; got {self.precision!r}"),
@@ -200,20 +207,28 @@ def make_reward(reward, weights=None) -> CombinedReward:
 
 
 def completion_token_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
-                           pad_id: int, chunk_size: int = 0, temperature: float = 1.0):
+                           pad_id: int, chunk_size: int = 0, temperature: float = 1.0,
+                           packing: bool = False, token_budget: int = 0):
     """Per-token log-probs of each completion token: (logps [B, Tc] fp32, mask [B, Tc]).
 
-    Rows are [prompt | completion | pad] (right padding: natural positions); only completion
-    positions reach the head, through the chunked log-prob function (no [B, T, V] logits).
-    logps[i, j] = log pi(completion_i[j] | prompt_i, completion_i[:j]) / with logits / temperature.
+    logps[i, j] = log pi(completion_i[j] | prompt_i, completion_i[:j]) with logits / temperature.
+    packing: completions sharing a prompt are branches of one packed segment (data.packing);
+    otherwise rows are [prompt | completion | pad] (right padding: natural positions). Either
+    way only completion positions reach the head, through the chunked log-prob function.
     """
+    if packing:
+        from prefalign.data.packing import pack_groups, packed_token_logps
+
+        try:
+            packed = pack_groups(prompt_ids, completion_ids, token_budget)
+        except ValueError as e:  # a group longer than token_budget
+            raise UserError(f"grpo: {e}") from None
+        return packed_token_logps(model, packed, chunk_size or None, temperature)
     batch = pad_sequences(prompt_ids, completion_ids, pad_id)
     device = next(model.parameters()).device
     hidden = logprobs.hidden_states(model, batch.input_ids.to(device), batch.attention_mask.to(device))  # [B, T, H]
     scored, targets = logprobs.shifted_targets(batch.labels.to(device))                            # [B, T-1]
-    head = logprobs.output_head(model)
-    if temperature != 1.0:  # logits / T; for a softcapped head, T acts before the cap (approximation)
-        head = dataclasses.replace(head, scale=head.scale / temperature)
+    head = logprobs.output_head(model, temperature)
     lp = logprobs.token_logps(hidden[:, :-1][scored], head, targets[scored], chunk_size or None)  # [N]
     lengths = torch.tensor([len(c) for c in completion_ids], device=device)
     mask = torch.arange(int(lengths.max()), device=device)[None, :] < lengths[:, None]           # [B, Tc]
@@ -357,7 +372,8 @@ def update(policy, ref, opt, sched, params, cfg: GRPOConfig, ac, pad_id: int, pr
     n_tok = sum(len(c) for c in completion_ids)
     weights = [(sum(len(completion_ids[i]) for i in m) / n_tok) if cfg.aggregation == "dapo" else len(m) / B
                for m in micros]
-    kw = dict(pad_id=pad_id, chunk_size=cfg.chunk_size, temperature=cfg.temperature)
+    kw = dict(pad_id=pad_id, chunk_size=cfg.chunk_size, temperature=cfg.temperature, packing=cfg.packing,
+              token_budget=cfg.token_budget)
 
     def inputs(m):
         return [prompt_ids[i] for i in m], [completion_ids[i] for i in m]
