@@ -62,6 +62,10 @@ class TrainConfig:
     on_bad_row: str = _f("error", "a bad data row stops the run, or is skipped and written to rejects.jsonl", ["error", "skip"])
     packing: bool = _f(True, "pack pairs into rows with a shared prompt (no padding); off = padded batches")
     token_budget: int = _f(0, "tokens per packed row (0 = the longest pair of the micro-batch)")
+    attention: str = _f("auto", "attention implementation the models load with (auto: transformers' default, sdpa "
+                        "where the model has it); flex_attention skips the masked blocks of packed rows (GPU for "
+                        "training: torch has no flex_attention backward on CPU)",
+                        ["auto", "sdpa", "eager", "flex_attention"])
     # the reference
     reference: str = _f("auto", "reference strategy (auto: copy, adapters-off with LoRA, none when the loss needs none)",
                         ["auto", "copy", "adapters-off", "precomputed", "none"])

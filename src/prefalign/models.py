@@ -43,12 +43,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               qlora: bool = False):
-    """Any AutoModelForCausalLM from a local directory or a hub id, from safetensors."""
+               qlora: bool = False, attention: str = "auto"):
+    """Any AutoModelForCausalLM from a local directory or a hub id, from safetensors.
+
+    `attention`: the transformers attn_implementation ("auto" leaves transformers' choice)."""
     from transformers import AutoModelForCausalLM
 
     _check_source(path, "model")
     kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True)
+    if attention != "auto":
+        kwargs["attn_implementation"] = attention
     if qlora:
         kwargs["quantization_config"] = _qlora_config()
     try:
@@ -58,8 +62,26 @@ def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype
         if "safetensors" in first.lower():
             raise UserError(f"{path}: no safetensors weights found; prefalign does not unpickle .bin "
                             f"weights (convert them with save_pretrained(safe_serialization=True))") from None
+        if attention != "auto" and attention in first:
+            raise UserError(f"{path}: {_attention_refused(first, attention)}") from None
         raise UserError(f"could not load a model from {path}: {first}") from None
     return model
+
+
+def set_attention(model, attention: str):
+    """Switch an in-process model (the demo's, the tests') to another attention implementation."""
+    if attention == "auto":
+        return model
+    try:
+        model.set_attn_implementation(attention)
+    except (ValueError, ImportError) as e:
+        raise UserError(_attention_refused(str(e).splitlines()[0], attention)) from None
+    return model
+
+
+def _attention_refused(first_line: str, attention: str) -> str:
+    # transformers' own message names the architecture; add which flag to change.
+    return f"attention {attention!r} is not available for this model ({first_line[:160]}); use --attention sdpa or eager"
 
 
 def _qlora_config():

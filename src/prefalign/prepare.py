@@ -114,7 +114,10 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
         eval_items, _ = load_items(cfg, tokenizer, cfg.eval_data, kind,
                                    os.path.join(cfg.output, "rejects_eval.jsonl") if cfg.output else None, log)
     if model is None:
-        model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, qlora=cfg.qlora)
+        model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, qlora=cfg.qlora,
+                                  attention=cfg.attention)
+    else:
+        models.set_attention(model, cfg.attention)
     if cfg.lora_r > 0 and not models.is_peft(model):
         torch.manual_seed(cfg.seed)
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
@@ -131,7 +134,9 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
         if ref_model is None:
             dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
             ref_model = models.load_model(cfg.ref_model or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                                          dtype=dtype)
+                                          dtype=dtype, attention=cfg.attention)
+        else:
+            models.set_attention(ref_model, cfg.attention)
         reference = refs.ModelReference(models.freeze(ref_model).to(device), **ref_kw)
     elif strategy in ("adapters-off", "precomputed"):
         reference = refs.ModelReference(model, adapters_off=True, **ref_kw)

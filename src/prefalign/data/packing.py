@@ -22,7 +22,8 @@ prompt (KTO, SFT) with `pack_completions`.
 Attention: transformers (5.x) hands a user-provided 4D mask to the attention
 implementation as-is (masking_utils._preprocess_mask_arguments). SDPA takes a bool
 mask (True = attend); eager *adds* the mask to the scores, so it gets 0 / -inf-like
-floats. `attention_mask_for(model, packed)` picks the right one.
+floats; 'flex_attention' takes a BlockMask built from the same rule (a mask_mod), whose
+fully masked 128 x 128 blocks are skipped. `attention_mask_for(model, packed)` picks the right one.
 """
 
 from __future__ import annotations
@@ -85,6 +86,26 @@ class PackedBatch:
         if dtype == torch.bool:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def block_mask(self, device: torch.device | str = "cpu"):
+        """The same mask as a FlexAttention BlockMask [R, 1, L, L], built on `device`.
+
+        Why: SDPA computes every (query, key) score of a row and masks afterwards, so a
+        token pays for all the segments packed beside it; FlexAttention skips the 128 x 128
+        blocks the mask_mod rules out (block-diagonal rows are mostly such blocks).
+        """
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        # The mask_mod indexes these inside the attention kernel: they must live on `device`.
+        seg, br = self.segment_ids.to(device), self.branch_ids.to(device)  # [R, L] each
+
+        def mask_mod(b, h, q, k):  # the bool mask of attention_mask(), one (q, k) at a time
+            same_segment = seg[b, q] == seg[b, k]
+            visible_branch = (br[b, k] == 0) | (br[b, k] == br[b, q])
+            return same_segment & (k <= q) & visible_branch
+
+        R, L = seg.shape
+        return create_block_mask(mask_mod, R, None, L, L, device=device)
 
 
 def _segment(prompt: Sequence[int], branches: Sequence[Sequence[int]]):
@@ -174,16 +195,42 @@ def pack_completions(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     return _pack([(p, [c]) for p, c in zip(prompts, completions)], token_budget)
 
 
-def attention_mask_for(model, packed: PackedBatch) -> Tensor:
-    """The 4D mask in the form the model's attention implementation consumes."""
+def attention_mask_for(model, packed: PackedBatch, device: torch.device | str | None = None):
+    """The 4D mask, on `device` (default: the model's), in the form its attention implementation consumes."""
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None) or "eager"
+    device = device if device is not None else next(model.parameters()).device
     if impl == "sdpa":
-        return packed.attention_mask(torch.bool)
+        return packed.attention_mask(torch.bool).to(device)
     if impl == "eager":
         # eager adds the mask to the scores: make it the dtype of the scores.
-        return packed.attention_mask(output_head(model).weight.dtype)
-    raise NotImplementedError(f"packed attention supports the 'sdpa' and 'eager' implementations, not {impl!r}")
+        return packed.attention_mask(output_head(model).weight.dtype).to(device)
+    if impl == "flex_attention":
+        _check_flex_backward(model, torch.device(device))
+        return packed.block_mask(device)
+    raise NotImplementedError(
+        f"packed attention supports the 'sdpa', 'eager' and 'flex_attention' implementations, not {impl!r}")
+
+
+def _check_flex_backward(model, device: torch.device) -> None:
+    # torch (2.13) has no FlexAttention backward on CPU; say so before the first layer does.
+    if device.type == "cpu" and torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        raise NotImplementedError(
+            "flex_attention has no backward pass on CPU in this torch; train with attention 'sdpa' on CPU "
+            "(flex_attention on CPU serves no-grad forwards only: the reference, evaluation)")
+
+
+def _flex_static_shapes_on_cpu(model, device: torch.device):
+    # On CPU (torch 2.13), once a second row shape turns transformers' compiled flex_attention
+    # dynamic, inductor's C++ kernel for our branch mask_mod fails to compile (CppCompileError,
+    # 'cur_kvSplitSize8' not declared). Static shapes compile fine: one kernel per (R, L), up to
+    # dynamo's recompile limit, after which dynamo runs flex_attention unfused (correct, slower).
+    import contextlib
+
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl != "flex_attention" or device.type != "cpu":
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
 
 
 def _check_sliding_window(model, packed: PackedBatch) -> None:
@@ -207,8 +254,9 @@ def _scored_logps(model, packed: PackedBatch, chunk_size: int | None, temperatur
     base = model.get_base_model() if hasattr(model, "peft_config") else model  # PEFT: the config lives here
     _check_sliding_window(base, packed)
     dev = next(base.parameters()).device
-    mask = attention_mask_for(base, packed).to(dev)  # [R, 1, L, L]
-    hidden = hidden_states(model, packed.input_ids.to(dev), mask, packed.position_ids.to(dev))  # [R, L, H]
+    mask = attention_mask_for(base, packed, dev)  # [R, 1, L, L]: a tensor, or a BlockMask (built once, used by every layer)
+    with _flex_static_shapes_on_cpu(base, dev):
+        hidden = hidden_states(model, packed.input_ids.to(dev), mask, packed.position_ids.to(dev))  # [R, L, H]
     flat = hidden.reshape(-1, hidden.shape[-1])  # [R * L, H]
     # Only the predicting positions of scored tokens reach the head.
     head = output_head(model, temperature)
