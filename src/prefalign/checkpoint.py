@@ -54,8 +54,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save(root: str, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int) -> str:
-    """Write checkpoint `root/step-N` atomically and prune to the newest `keep`."""
+def save(root: str, step: int, weights: dict[str, torch.Tensor], optim_state: dict, scheduler,
+         trainer_state: dict, keep: int) -> str:
+    """Write checkpoint `root/step-N` atomically and prune to the newest `keep`.
+
+    `weights`: the trainable weights (`trainable_state`, or gathered shards under FSDP);
+    `optim_state`: the optimizer's state dict."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
@@ -65,8 +69,8 @@ def save(root: str, step: int, model, optimizer, scheduler, trainer_state: dict,
         if d.startswith(".tmp-step-"):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     os.makedirs(tmp)
-    save_file(trainable_state(model), os.path.join(tmp, "weights.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+    save_file(weights, os.path.join(tmp, "weights.safetensors"))
+    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()},
                os.path.join(tmp, "optim.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as fh:
         json.dump({"step": step, "trainer": trainer_state, "rng": rng_state()}, fh)
@@ -129,21 +133,36 @@ def find_resume(root: str, spec: str, warn=print) -> str | None:
     return None
 
 
-def load(path: str, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the trainer state."""
+def read(path: str) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
+    """(weights, optimizer state, scheduler state, {"step", "trainer", "rng"}) of a checkpoint."""
     weights = load_file(os.path.join(path, "weights.safetensors"))
-    own = dict(model.named_parameters())
-    missing = [n for n, p in own.items() if p.requires_grad and n not in weights]
+    # weights_only: never unpickle arbitrary objects from disk.
+    opt = torch.load(os.path.join(path, "optim.pt"), weights_only=True)
+    with open(os.path.join(path, "state.json")) as fh:
+        state = json.load(fh)
+    return weights, opt["optimizer"], opt["scheduler"], state
+
+
+def check_weights(path: str, model, weights: dict) -> None:
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
     if missing:
         raise UserError(f"checkpoint {path} does not match this model (missing {missing[0]}, ...)")
+
+
+def load(path: str, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return the trainer state."""
+    weights, optim_state, sched_state, state = read(path)
+    check_weights(path, model, weights)
+    own = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
             own[name].copy_(tensor)
-    # weights_only: never unpickle arbitrary objects from disk.
-    opt = torch.load(os.path.join(path, "optim.pt"), weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    with open(os.path.join(path, "state.json")) as fh:
-        state = json.load(fh)
+    optimizer.load_state_dict(optim_state)
+    return restore(scheduler, sched_state, state)
+
+
+def restore(scheduler, sched_state: dict, state: dict) -> dict:
+    """Scheduler and RNG back as saved; the trainer state with its step."""
+    scheduler.load_state_dict(sched_state)
     set_rng_state(state["rng"])
     return {"step": state["step"], **state["trainer"]}

@@ -60,6 +60,19 @@ def relaunch(argv: list[str], n: int) -> int:
             signal.signal(s, h)
 
 
+def _leave_process_group() -> None:
+    """Wait for the other ranks, then tear the group down before the interpreter exits: a gloo
+    group left to the exit handlers can abort a rank ("terminate called without an active
+    exception") while another rank still writes the model."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def cmd_train(args, base=None):
     from prefalign import config, train
 
@@ -68,7 +81,10 @@ def cmd_train(args, base=None):
     cfg = config.from_args(args, base)  # validate here, before starting N processes
     if args.num_processes > 1 and not _launched():
         return relaunch(args.argv, args.num_processes)
-    result = train.train(cfg)
+    try:
+        result = train.train(cfg)
+    finally:
+        _leave_process_group()
     if result.stopped.startswith("signal"):
         # Not 0: a job script must not take an interrupted run for a finished one.
         return 128 + int(signal.Signals[result.stopped.split()[-1]])

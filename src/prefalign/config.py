@@ -66,6 +66,9 @@ class TrainConfig:
                         "where the model has it); flex_attention skips the masked blocks of packed rows (GPU for "
                         "training: torch has no flex_attention backward on CPU)",
                         ["auto", "sdpa", "eager", "flex_attention"])
+    sharding: str = _f("auto", "across processes: none = data parallel (a full model per process), fsdp = "
+                       "weights, gradients and AdamW state sharded (torch FSDP2); auto: fsdp when launched with an "
+                       "accelerate FSDP config", ["auto", "none", "fsdp"])
     # the reference
     reference: str = _f("auto", "reference strategy (auto: copy, adapters-off with LoRA, none when the loss needs none)",
                         ["auto", "copy", "adapters-off", "precomputed", "none"])

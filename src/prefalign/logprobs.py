@@ -338,10 +338,64 @@ def sequence_logps(
     **kw,
 ) -> SeqLogps:
     """Summed log-probs and counts of the labelled tokens of each row: [B, T] x 3 -> SeqLogps([B], [B])."""
-    hidden = hidden_states(model, input_ids, attention_mask, **kw)  # [B, T, H]
     mask, targets = shifted_targets(labels)  # [B, T-1]
     # Gather the scored positions first: prompt and padding never reach the head.
-    rows = mask.nonzero(as_tuple=True)[0]  # [N] row of each scored token
-    lp = token_logps(hidden[:, :-1][mask], output_head(model), targets[mask], chunk_size)  # [N] fp32
+    rows, cols = mask.nonzero(as_tuple=True)  # [N] row and column of each scored token's predictor
+    src = rows * input_ids.shape[1] + cols  # [N] flat index into the [B * T] hidden states
+    lp = scored_logps(model, input_ids, attention_mask, None, src, targets[mask], chunk_size, **kw)  # [N] fp32
     total = torch.zeros(labels.shape[0], dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
     return SeqLogps(total, mask.sum(1))
+
+
+# ---------------------------------------------------------------------------
+# The whole computation as one module forward (for sharding engines)
+
+
+def _scored(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+            src: Tensor, targets: Tensor, chunk_size: int | None, temperature: float = 1.0, **kw) -> Tensor:
+    hidden = hidden_states(lm, input_ids, attention_mask, position_ids, **kw)  # [R, L, H]
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [R * L, H]
+    return token_logps(flat[src], output_head(lm, temperature), targets, chunk_size)  # [N] fp32
+
+
+class Scorer(nn.Module):
+    """A causal LM whose forward returns the log-probs of scored tokens, never logits.
+
+    Why a module: FSDP gathers a sharded module's weights only inside its own forward (and
+    again for its backward). Our log-probs call the transformer body and read the head's
+    weight directly, which bypasses the LM's forward; wrapping that whole computation as the
+    forward of one module lets the engine shard it (data/packing and sequence_logps route
+    through `scored_logps`, which calls this forward when handed a Scorer).
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, attention_mask, position_ids, src, targets, chunk_size=None, temperature=1.0,
+                **kw) -> Tensor:
+        return _scored(self.lm, input_ids, attention_mask, position_ids, src, targets, chunk_size, temperature, **kw)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The LM inside a Scorer (or the model itself): where config and adapters live."""
+    return model.lm if isinstance(model, Scorer) else model
+
+
+def scored_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+                 src: Tensor, targets: Tensor, chunk_size: int | None = None, temperature: float = 1.0,
+                 **kw) -> Tensor:
+    """log p(targets[i]) predicted at flat position src[i] of the [R, L] batch: [N] fp32.
+
+    A Scorer (possibly FSDP-sharded) computes it in its forward; a plain LM directly."""
+    if isinstance(model, Scorer):
+        return model(input_ids, attention_mask, position_ids, src, targets, chunk_size, temperature, **kw)
+    return _scored(model, input_ids, attention_mask, position_ids, src, targets, chunk_size, temperature, **kw)

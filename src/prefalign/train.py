@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from prefalign import checkpoint, objective, prepare
+from prefalign import checkpoint, objective, prepare, sharding
 from prefalign.config import TrainConfig, to_dict
 from prefalign.errors import UserError
+from prefalign.logprobs import language_model
 from prefalign.metrics import BothDropAlarm, Console, MetricsLog, peak_memory_mb
+from prefalign.reference import ModelReference
 
 
 @dataclass
@@ -76,21 +78,6 @@ def _check_output(cfg: TrainConfig, resuming: bool) -> None:
     if os.path.isfile(marker) and not (resuming or cfg.overwrite):
         raise UserError(f"{cfg.output} already holds a run; use --resume auto to continue it or --overwrite "
                         f"to replace it")
-
-
-# Launchers that shard the model (FSDP) or own the backward pass (DeepSpeed). The loop computes
-# log-probs from the base model's hidden states and all-reduces gradients itself, so under them it
-# would not train what it says: refuse instead (docs/distributed.md).
-_SHARDED_LAUNCHERS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-
-
-def _check_launcher() -> None:
-    for var, name in _SHARDED_LAUNCHERS.items():
-        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
-            raise UserError(f"launched under {name} ({var}), which prefalign does not support yet: it computes "
-                            f"log-probs outside the wrapper and averages gradients itself, so a sharded model "
-                            f"would train wrongly. Use the DDP config (configs/accelerate/ddp.yaml) or "
-                            f"--num-processes; see docs/distributed.md")
 
 
 class _Stop:
@@ -220,9 +207,11 @@ def _reduce(sums: dict, device, world: int) -> dict:
     return dict(zip(keys, vec.tolist()))
 
 
-def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params, rank: int, world: int):
+def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params, rank: int, world: int,
+                     sharded: bool = False):
     """Gradients of one optimizer step's examples (this process's micro-batches), averaged over
-    processes and clipped; returns the step's metrics (global means) and the gradient norm."""
+    processes and clipped; returns the step's metrics (global means) and the gradient norm.
+    `sharded`: FSDP averages the gradients itself (reduce-scatter in each backward)."""
     per_micro, per_step = cfg.batch_size, len(step_items)
     # SFT normalises by completion tokens in the whole step; the others by examples.
     denom = (sum(len(i.completion_ids) + 1 for i in step_items) if s.spec is None else per_step) / world
@@ -237,9 +226,11 @@ def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params,
         loss_value += loss.item() / denom
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    if world > 1:
+    if world > 1 and not sharded:
         _all_reduce_grads(params, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already the global norm
+        grad_norm = grad_norm.full_tensor()
     # Each process's loss_value is its share scaled by world/denominator: the sum over
     # processes (in _reduce) divided by world is the step's mean loss.
     sums["loss"] = loss_value
@@ -257,9 +248,17 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
 
     resuming = bool(cfg.resume)
     _check_output(cfg, resuming)
-    _check_launcher()
+    how = sharding.plan(cfg)
+    if how is not None:
+        sharding.check(cfg)
+    # The loop drives FSDP itself (see sharding.plan); accelerate only sets up the process group.
+    # Left set, this variable would make it build a DeepSpeed engine nobody steps.
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rank0, world, device = acc.is_main_process, acc.num_processes, acc.device
+    if how is not None and not dist.is_initialized():
+        raise UserError(f"sharding ({how.source}) needs several processes: add --num-processes N, or launch "
+                        f"with accelerate launch / torchrun")
     if rank0:
         os.makedirs(cfg.output, exist_ok=True)
 
@@ -268,8 +267,17 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             print(msg, file=sys.stderr, flush=True)
 
     torch.manual_seed(cfg.seed)
+    sharded = how is not None
     s = prepare.build(cfg, device=device, model=model, tokenizer=tokenizer, ref_model=ref_model,
                       accelerator=acc, log=say)
+    if sharded:
+        s.policy = sharding.shard(s.policy, how, trainable=True)
+        if isinstance(s.reference, ModelReference):  # the copy; precomputed needs no model now
+            s.reference.model = sharding.shard(s.reference.model, how, trainable=False)
+        say(f"FSDP ({how.source}): weights, gradients and optimizer state sharded over {world} processes"
+            + ("" if how.reshard_after_forward else "; a layer's weights stay gathered until its backward")
+            + ("; offloaded to host RAM" if how.offload else ""))
+    lm = language_model(s.policy)
     ac = prepare.autocast(cfg, device)
     params = [p for p in s.policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -284,7 +292,13 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         if path is None:
             say(f"no valid checkpoint in {ckpt_root}; starting from step 0")
         else:
-            trainer_state = checkpoint.load(path, s.policy, opt, sched)
+            if sharded:
+                weights, optim_state, sched_state, state = checkpoint.read(path)
+                checkpoint.check_weights(path, lm, weights)
+                sharding.load_full(s.policy, opt, weights, optim_state)
+                trainer_state = checkpoint.restore(sched, sched_state, state)
+            else:
+                trainer_state = checkpoint.load(path, s.policy, opt, sched)
             start = trainer_state["step"]
             s.loss_state.update(trainer_state.get("loss_state", {}))
             say(f"resumed from {path} (step {start})")
@@ -306,8 +320,12 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     skipped_steps = trainer_state.get("skipped_steps", 0)
 
     def save(step):
+        if sharded:  # gathering is a collective: every rank takes part, rank 0 writes
+            weights, optim_state = sharding.full_weights(s.policy), sharding.full_optimizer_state(s.policy, opt)
+        elif rank0:
+            weights, optim_state = checkpoint.trainable_state(s.policy), opt.state_dict()
         if rank0:
-            checkpoint.save(ckpt_root, step, s.policy, opt, sched,
+            checkpoint.save(ckpt_root, step, weights, optim_state, sched,
                             {"alarm": alarm.state(), "nonfinite_in_row": nonfinite, "skipped_steps": skipped_steps,
                              "loss_state": s.loss_state},
                             cfg.keep_checkpoints)
@@ -320,7 +338,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             done = step + 1
             idx = step_indices(len(s.items), step, per_step, cfg.seed)
             step_items = [s.items[i] for i in idx]
-            record, grad_norm = forward_backward(s, cfg, step_items, ac, params, acc.process_index, world)
+            record, grad_norm = forward_backward(s, cfg, step_items, ac, params, acc.process_index, world, sharded)
             finite = math.isfinite(record["loss"]) and math.isfinite(float(grad_norm))
             if finite:
                 opt.step()
@@ -372,11 +390,15 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     log.close()
     if cfg.save_every and not stopped:
         save(done)
+    final = lm
+    if sharded and cfg.save_model and not stopped:
+        weights = sharding.full_weights(s.policy)  # collective
+        final = sharding.plain_copy(lm, weights) if rank0 else lm
     if rank0 and not stopped:
         if cfg.save_model:
             from prefalign.models import save_model
 
-            save_model(s.policy, s.tokenizer, os.path.join(cfg.output, "model"),
+            save_model(final, s.tokenizer, os.path.join(cfg.output, "model"),
                        os.path.join(cfg.output, "merged") if cfg.merge_lora else None)
         report.plot_training(cfg.output)
     if stopped.startswith(("signal", "both")):
@@ -385,4 +407,4 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     elif stopped:
         raise UserError(f"stopped after {stopped} (step {done}); checkpoint saved in {ckpt_root}. "
                         f"Check the data rows logged above, lower --lr, or use --precision fp32")
-    return RunResult(cfg.output, done, history, final_eval, stopped, s.policy, s.tokenizer)
+    return RunResult(cfg.output, done, history, final_eval, stopped, final, s.tokenizer)

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from prefalign.logprobs import SeqLogps, hidden_states, output_head, token_logps
+from prefalign.logprobs import SeqLogps, language_model, output_head, scored_logps
 
 try:  # the tokenizer's dataclass; anything with prompt_ids/chosen_ids/rejected_ids works
     from prefalign.data.tokenize import TokenizedPair  # noqa: F401
@@ -251,16 +251,15 @@ def _check_sliding_window(model, packed: PackedBatch) -> None:
 
 def _scored_logps(model, packed: PackedBatch, chunk_size: int | None, temperature: float = 1.0) -> Tensor:
     """log p of every scored token, [N] fp32, in the order of packed.src / targets / seq."""
-    base = model.get_base_model() if hasattr(model, "peft_config") else model  # PEFT: the config lives here
+    base = language_model(model)  # a Scorer (FSDP) holds the LM
+    base = base.get_base_model() if hasattr(base, "peft_config") else base  # PEFT: the config lives here
     _check_sliding_window(base, packed)
     dev = next(base.parameters()).device
     mask = attention_mask_for(base, packed, dev)  # [R, 1, L, L]: a tensor, or a BlockMask (built once, used by every layer)
-    with _flex_static_shapes_on_cpu(base, dev):
-        hidden = hidden_states(model, packed.input_ids.to(dev), mask, packed.position_ids.to(dev))  # [R, L, H]
-    flat = hidden.reshape(-1, hidden.shape[-1])  # [R * L, H]
     # Only the predicting positions of scored tokens reach the head.
-    head = output_head(model, temperature)
-    return token_logps(flat[packed.src.to(dev)], head, packed.targets.to(dev), chunk_size)  # [N] fp32
+    with _flex_static_shapes_on_cpu(base, dev):
+        return scored_logps(model, packed.input_ids.to(dev), mask, packed.position_ids.to(dev), packed.src.to(dev),
+                            packed.targets.to(dev), chunk_size, temperature)  # [N] fp32
 
 
 def packed_logps(model, packed: PackedBatch, chunk_size: int | None = None) -> SeqLogps:
@@ -279,6 +278,7 @@ def packed_pair_logps(model, packed: PackedBatch, chunk_size: int | None = None)
         raise ValueError(f"expected a batch of pairs (2 branches), got {packed.num_branches}")
     out = packed_logps(model, packed, chunk_size)
     return SeqLogps(out.sum[0::2], out.count[0::2]), SeqLogps(out.sum[1::2], out.count[1::2])
+
 
 def pack_groups(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                 token_budget: int = 0) -> PackedBatch:
