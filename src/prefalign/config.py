@@ -66,6 +66,8 @@ class TrainConfig:
                         "where the model has it); flex_attention skips the masked blocks of packed rows (GPU for "
                         "training: torch has no flex_attention backward on CPU)",
                         ["auto", "sdpa", "eager", "flex_attention"])
+    lean_mlp: bool = _f(True, "recompute the MLP's act(gate) and act(gate) * up in the backward instead of keeping "
+                        "them (bitwise the same gradients, about half the MLP's activation memory)")
     sharding: str = _f("auto", "across processes: none = data parallel (a full model per process), fsdp = "
                        "weights, gradients and AdamW state sharded (torch FSDP2); auto: fsdp when launched with an "
                        "accelerate FSDP config", ["auto", "none", "fsdp"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefalign.lean import lean_mlps
 from prefalign import models, reference as refs
 from prefalign.config import TrainConfig
 from prefalign.data.formats import load_examples, pairs_to_unpaired
@@ -122,6 +123,8 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
         torch.manual_seed(cfg.seed)
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                                   qlora=cfg.qlora)
+    if cfg.lean_mlp:
+        lean_mlps(model)  # the policy only: the reference runs without autograd
     model.to(device)
     model.train()
     if hasattr(model.config, "use_cache"):

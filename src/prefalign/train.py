@@ -149,15 +149,17 @@ def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac, kl: torch.Tensor |
         prompts = [i.prompt_ids for i in items]
         comps = [i.completion_ids for i in items]
         desirable = torch.tensor([bool(i.label) for i in items], device=s.policy.device)
+        ref = s.reference.completion_logps(prompts, comps)  # first: see below
         with ac():
             pol = objective.completion_logps(s.policy, prompts, comps, **kw)
-        ref = s.reference.completion_logps(prompts, comps)
         if kl is None:
             kl = kto_kl(s, cfg, items, ac, rank=0, world=1)
         return objective.kto_loss(s.spec, cfg, pol, ref, desirable, kl)
+    # The reference first: its forward's temporaries are gone before the policy's saved
+    # activations pile up, so the two never coexist at the step's memory peak.
+    ref = s.reference.pair_logps(items)
     with ac():
         pol = objective.pair_logps(s.policy, items, **kw)
-    ref = s.reference.pair_logps(items)
     if ref is not None:
         ref = objective.PairLogps(*(t.to(pol.chosen.device) for t in ref))
     return objective.paired_loss(s.spec, cfg, pol, ref, s.loss_state)

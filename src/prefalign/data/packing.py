@@ -201,7 +201,14 @@ def attention_mask_for(model, packed: PackedBatch, device: torch.device | str | 
     impl = getattr(config, "_attn_implementation", None) or "eager"
     device = device if device is not None else next(model.parameters()).device
     if impl == "sdpa":
-        return packed.attention_mask(torch.bool).to(device)
+        # Additive, in the dtype the scores are computed in: SDPA's CPU kernel turns a bool mask
+        # into such a tensor in every layer and keeps each copy for the backward (one [R, L, L]
+        # per layer); given this one, every layer shares it. Under autocast, it must already be
+        # the autocast dtype, or autocast casts a copy per layer.
+        dev = torch.device(device)
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) \
+            else output_head(model).weight.dtype
+        return packed.attention_mask(dtype).to(device)
     if impl == "eager":
         # eager adds the mask to the scores: make it the dtype of the scores.
         return packed.attention_mask(output_head(model).weight.dtype).to(device)
