@@ -384,8 +384,15 @@ def main_bench(args):
                 summary[tool] = summarize(r, warmup, batch, tool_order, npar["non_embedding"], ref_forward,
                                           tokens_per_pair)
                 summary[tool]["mfu"] = summary[tool]["useful_gflops_per_s"] / peak
+            # Bounds no implementation can beat on this machine: the speed-up at 100% MFU (the measured
+            # fp32 matmul peak) over TRL's measured MFU, and the RSS of the training state alone
+            # (fp32 weights, gradients, two AdamW moments, the reference copy: 5 x 4 bytes per
+            # parameter) plus the interpreter with torch/transformers imported.
+            bounds = {"state_floor_mb": (5 if reference == "copy" else 4) * 4 * npar["total"] / 2**20}
+            if "trl" in summary and precision == "fp32":
+                bounds["speedup_at_full_mfu"] = 1 / summary["trl"]["mfu"]
             run = {"workload": name, "vocab": vocab, "batch": batch, "precision": precision, "reference": reference,
-                   "n_params": npar, **summary}
+                   "n_params": npar, "bounds": bounds, **summary}
             if "trl" in summary:
                 p, t = summary["prefalign"], summary["trl"]
                 run["ratios"] = {"pairs_per_s": p["pairs_per_s"] / t["pairs_per_s"],
@@ -442,6 +449,12 @@ def print_table(rows):
             q = r["ratios"]
             print(f"{'':16s} {'':5s} {'':11s} {'ratio':9s} {q['pairs_per_s']:7.2f}x {'':8s} {q['peak_rss']:7.2f}x "
                   f"{'':6s} {q['step1_logps_chosen_rel_diff']:15.1e} {q['step1_logps_rejected_rel_diff']:15.1e}")
+        b = r.get("bounds", {})
+        if b:
+            line = f"{'':16s} bounds: training state alone {b['state_floor_mb']:.0f} MB"
+            if "speedup_at_full_mfu" in b:
+                line += f"; speed-up over TRL at 100% MFU {b['speedup_at_full_mfu']:.1f}x"
+            print(line)
     print()
 
 

@@ -101,7 +101,8 @@ def test_fsdp_two_processes_equal_one(run_files, tmp_path, packing, route):
     common = ["--model", run_files["model"], "--data", run_files["data"], "--lr", "1e-3", "--lr-schedule",
               "constant", "--max-steps", "3", "--max-length", "64", "--no-progress", "--seed", "0", packing,
               "--batch-size", "2", "--num-processes", "2"]
-    if route == "flag":
+    if route == "flag":  # with held-out evaluation at the end: every rank scores all eval pairs
+        common += ["--eval-data", run_files["eval"]]
         proc = _launch([*common, "--sharding", "fsdp"], tmp_path / "two")
         assert "FSDP (--sharding fsdp): weights, gradients and optimizer state sharded over 2 processes" in proc.stderr
     else:
@@ -109,8 +110,11 @@ def test_fsdp_two_processes_equal_one(run_files, tmp_path, packing, route):
         assert "FSDP (accelerate DeepSpeed ZeRO-2 config, run as its FSDP equivalent)" in proc.stderr
         assert "stay gathered until its backward" in proc.stderr
     train.train(cfg_for(run_files, tmp_path / "one", max_steps=3, batch_size=4, reference="copy",
-                        packing=packing == "--packing"))
-    _assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+                        packing=packing == "--packing", eval_data=run_files["eval"] if route == "flag" else ""))
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    _assert_same_metrics(a, b)
+    if route == "flag":
+        assert "eval/rewards/margins" in b[-1] and b[-1]["eval/loss"] == pytest.approx(a[-1]["eval/loss"], abs=1e-5)
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
 
 
