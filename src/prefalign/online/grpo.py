@@ -46,6 +46,7 @@ import torch
 from prefalign import logprobs
 from prefalign.data.batching import pad_sequences
 from prefalign.errors import UserError
+from prefalign.lean import lean_mlps
 from prefalign.losses.grpo import AGGREGATIONS, SCALES, group_advantages, grpo_loss
 from prefalign.metrics import Console, MetricsLog, peak_memory_mb
 from prefalign.online.generate import SamplingConfig, generate
@@ -286,6 +287,7 @@ def grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, prompts=None, reward=No
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg, model, tokenizer)
+    lean_mlps(policy)  # bitwise the same gradients, half the MLP activations (prefalign.lean)
     policy.to(device).train()
     pset = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts if prompts is not None else cfg.prompts,
                                                                        tok, cfg.max_prompt_length)
