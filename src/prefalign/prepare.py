@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefalign.lean import lean_mlps
 from prefalign import models, reference as refs
 from prefalign.config import TrainConfig
 from prefalign.data.formats import load_examples, pairs_to_unpaired
 from prefalign.data.tokenize import tokenize_examples
 from prefalign.errors import UserError
+from prefalign.lean import lean_mlps
 from prefalign.losses import LossSpec, get_loss
 
 
