@@ -6,12 +6,15 @@ gradients only where a CUDA device is present. Every CPU test packs to the same 
 kernel compiles once for the file.
 """
 
+import json
+
 import pytest
 import torch
 from test_packing import SHAPES, TOL, dpo_like, make_pairs, padded_pair_logps, param_grads
+from tiny import make_tokenizer
 from tiny_lms import tiny_lm
 
-from prefalign import models
+from prefalign import models, prepare
 from prefalign.config import build
 from prefalign.data.packing import pack_pairs, packed_pair_logps
 from prefalign.errors import UserError
@@ -95,3 +98,21 @@ def test_attention_flag_and_refusals(tmp_path):
     tiny_lm("qwen2").save_pretrained(tmp_path)
     assert models.load_model(str(tmp_path), attention="flex_attention").config._attn_implementation == "flex_attention"
     assert models.load_model(str(tmp_path), attention="eager").config._attn_implementation == "eager"
+
+
+def test_build_applies_attention_to_policy_and_reference(tmp_path):
+    """`--attention` reaches both models prepare.build sets up, loaded from disk or passed in."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": " yes", "rejected": " no"}) + "\n"
+                            for i in range(4)))
+    model_dir = tmp_path / "model"
+    tiny_lm("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    cfg = build({"model": str(model_dir), "data": str(data), "output": str(tmp_path / "o"), "attention": "eager"})
+    s = prepare.build(cfg, device=torch.device("cpu"), log=lambda m: None)
+    assert s.policy.config._attn_implementation == "eager"
+    assert s.reference.model.config._attn_implementation == "eager"
+    passed = prepare.build(cfg, device=torch.device("cpu"), model=tiny_lm("llama"), ref_model=tiny_lm("llama"),
+                           log=lambda m: None)
+    assert passed.policy.config._attn_implementation == "eager"
+    assert passed.reference.model.config._attn_implementation == "eager"
