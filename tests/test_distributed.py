@@ -118,7 +118,7 @@ def test_fsdp_two_processes_equal_one(run_files, tmp_path, packing, route):
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
 
 
-def test_fsdp_checkpoint_resume(run_files, tmp_path):
+def test_fsdp_checkpoint_resume(run_files, tmp_path, capsys):
     """Under FSDP a checkpoint holds the gathered weights and optimizer state: 2 steps, then
     --resume auto to 4, ends where an uninterrupted 1-process run of 4 steps ends (KTO: its KL
     reference point across sharded ranks too)."""
@@ -128,6 +128,10 @@ def test_fsdp_checkpoint_resume(run_files, tmp_path):
     out = tmp_path / "two"
     _launch([*common, "--max-steps", "2"], out)
     assert os.path.isdir(out / "checkpoints" / "step-000002")
+    # Its optimizer state is keyed by name: resuming it without FSDP is refused, not mis-loaded.
+    plain = common[:common.index("--num-processes")] + ["--save-every", "2"]
+    assert main(["train", *plain, "--output", str(out), "--max-steps", "4", "--resume", "auto"]) == 2
+    assert "was written with FSDP; resume it with --sharding fsdp" in capsys.readouterr().err
     proc = _launch([*common, "--max-steps", "4", "--resume", "auto"], out)
     assert "resumed from" in proc.stderr
     train.train(cfg_for(run_files, tmp_path / "one", loss="kto", max_steps=4, batch_size=4))

@@ -149,16 +149,23 @@ def check_weights(path: str, model, weights: dict) -> None:
         raise UserError(f"checkpoint {path} does not match this model (missing {missing[0]}, ...)")
 
 
-def load(path: str, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the trainer state."""
-    weights, optim_state, sched_state, state = read(path)
-    check_weights(path, model, weights)
+def check_layout(path: str, optim_state: dict, sharded: bool) -> None:
+    """FSDP checkpoints key the optimizer state by parameter name, plain ones by index: a run
+    resumes the way it was written (any number of processes, but FSDP or not as before)."""
+    groups = optim_state.get("param_groups") or [{}]
+    by_name = any(isinstance(p, str) for p in groups[0].get("params", []))
+    if by_name != sharded:
+        raise UserError(f"checkpoint {path} was written {'with' if by_name else 'without'} FSDP; resume it "
+                        f"with --sharding {'fsdp' if by_name else 'none'} (any number of processes)")
+
+
+def apply(model, optimizer, weights: dict, optim_state: dict) -> None:
+    """Copy saved weights and optimizer state into a plain (unsharded) model and optimizer."""
     own = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
             own[name].copy_(tensor)
     optimizer.load_state_dict(optim_state)
-    return restore(scheduler, sched_state, state)
 
 
 def restore(scheduler, sched_state: dict, state: dict) -> dict:

@@ -294,13 +294,14 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         if path is None:
             say(f"no valid checkpoint in {ckpt_root}; starting from step 0")
         else:
+            weights, optim_state, sched_state, state = checkpoint.read(path)
+            checkpoint.check_weights(path, lm, weights)
+            checkpoint.check_layout(path, optim_state, sharded)
             if sharded:
-                weights, optim_state, sched_state, state = checkpoint.read(path)
-                checkpoint.check_weights(path, lm, weights)
                 sharding.load_full(s.policy, opt, weights, optim_state)
-                trainer_state = checkpoint.restore(sched, sched_state, state)
             else:
-                trainer_state = checkpoint.load(path, s.policy, opt, sched)
+                checkpoint.apply(s.policy, opt, weights, optim_state)
+            trainer_state = checkpoint.restore(sched, sched_state, state)
             start = trainer_state["step"]
             s.loss_state.update(trainer_state.get("loss_state", {}))
             say(f"resumed from {path} (step {start})")
