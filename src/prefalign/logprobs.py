@@ -338,13 +338,21 @@ def sequence_logps(
     **kw,
 ) -> SeqLogps:
     """Summed log-probs and counts of the labelled tokens of each row: [B, T] x 3 -> SeqLogps([B], [B])."""
+    lp, mask = labelled_logps(model, input_ids, attention_mask, labels, chunk_size, **kw)  # [N], [B, T-1]
+    rows = mask.nonzero(as_tuple=True)[0]  # [N] row of each scored token
+    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
+    return SeqLogps(total, mask.sum(1))
+
+
+def labelled_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                   chunk_size: int | None = None, temperature: float = 1.0, **kw) -> tuple[Tensor, Tensor]:
+    """log p of every labelled token of a padded batch, in row-major order: ([N] fp32, mask [B, T-1])."""
     mask, targets = shifted_targets(labels)  # [B, T-1]
     # Gather the scored positions first: prompt and padding never reach the head.
     rows, cols = mask.nonzero(as_tuple=True)  # [N] row and column of each scored token's predictor
     src = rows * input_ids.shape[1] + cols  # [N] flat index into the [B * T] hidden states
-    lp = scored_logps(model, input_ids, attention_mask, None, src, targets[mask], chunk_size, **kw)  # [N] fp32
-    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
-    return SeqLogps(total, mask.sum(1))
+    return scored_logps(model, input_ids, attention_mask, None, src, targets[mask], chunk_size, temperature,
+                        **kw), mask
 
 
 # ---------------------------------------------------------------------------

@@ -20,9 +20,8 @@ shorter than the longest row are padding. The same layout holds one completion p
 prompt (KTO, SFT) with `pack_completions`.
 
 Attention: transformers (5.x) hands a user-provided 4D mask to the attention
-implementation as-is (masking_utils._preprocess_mask_arguments). SDPA takes a bool
-mask (True = attend); eager *adds* the mask to the scores, so it gets 0 / -inf-like
-floats; 'flex_attention' takes a BlockMask built from the same rule (a mask_mod), whose
+implementation as-is (masking_utils._preprocess_mask_arguments). SDPA and eager get an
+additive mask (0 / the dtype's min), one tensor every layer shares; 'flex_attention' takes a BlockMask built from the same rule (a mask_mod), whose
 fully masked 128 x 128 blocks are skipped. `attention_mask_for(model, packed)` picks the right one.
 """
 

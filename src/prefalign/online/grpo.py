@@ -227,13 +227,11 @@ def completion_token_logps(model, prompt_ids: list[list[int]], completion_ids: l
         return packed_token_logps(model, packed, chunk_size or None, temperature)
     batch = pad_sequences(prompt_ids, completion_ids, pad_id)
     device = next(model.parameters()).device
-    hidden = logprobs.hidden_states(model, batch.input_ids.to(device), batch.attention_mask.to(device))  # [B, T, H]
-    scored, targets = logprobs.shifted_targets(batch.labels.to(device))                            # [B, T-1]
-    head = logprobs.output_head(model, temperature)
-    lp = logprobs.token_logps(hidden[:, :-1][scored], head, targets[scored], chunk_size or None)  # [N]
+    lp, _ = logprobs.labelled_logps(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                    batch.labels.to(device), chunk_size or None, temperature)  # [N]
     lengths = torch.tensor([len(c) for c in completion_ids], device=device)
     mask = torch.arange(int(lengths.max()), device=device)[None, :] < lengths[:, None]           # [B, Tc]
-    # Row-major order of `scored` is row-major order of `mask`: each row's completion in order.
+    # labelled_logps returns row-major order, that of `mask`: each row's completion in order.
     return lp.new_zeros(mask.shape).masked_scatter(mask, lp), mask
 
 
