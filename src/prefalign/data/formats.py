@@ -232,11 +232,11 @@ def _type_name(value) -> str:
 def _unusable(value) -> tuple[str | None, str] | None:
     """(field path, reason) for the first lone surrogate (in a key or a string) or nesting deeper than
     MAX_DEPTH in a parsed JSON value; None if there is none. Iterative: the value may be deep."""
-    stack = [(value, None, 0)]
+    stack = [(value, None, 0, None)]  # (value, its path, its depth, the row's field it is in)
     while stack:
-        v, path, depth = stack.pop()
+        v, path, depth, top = stack.pop()
         if depth > MAX_DEPTH:
-            return path, f"nested more than {MAX_DEPTH} levels deep"
+            return top, f"nested more than {MAX_DEPTH} levels deep"
         if isinstance(v, str):
             m = _SURROGATE.search(v)
             if m:
@@ -247,9 +247,9 @@ def _unusable(value) -> tuple[str | None, str] | None:
                 key = str(k)
                 if _SURROGATE.search(key):
                     return path, f"a key holds a lone surrogate ({ascii(key)}), which is not valid Unicode"
-                stack.append((x, key if path is None else f"{path}.{key}", depth + 1))
+                stack.append((x, key if path is None else f"{path}.{key}", depth + 1, top or key))
         elif isinstance(v, list):
-            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+            stack.extend((x, f"{path}[{i}]", depth + 1, top) for i, x in enumerate(v))
     return None
 
 

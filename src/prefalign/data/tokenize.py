@@ -129,16 +129,18 @@ class _Encoder:
             ids, self.deduplicated = ids[1:], True
         return ids
 
-    def head(self, text: str, need: int, lead: bool, template: bool) -> tuple[list[int], bool]:
+    def head(self, text: str, need: int, lead: bool, template: bool, start: int = 0,
+             start_ids: int = 0) -> tuple[list[int], bool]:
         """(ids, cut): the ids of `text`, or (cut=True) of a prefix of it with at least need + SLACK ids,
         whose first `need` are the whole text's. Tokenizing only a prefix keeps memory near the text's
-        size: a 50 MB row tokenized whole takes gigabytes."""
-        size = (need + SLACK) * self.longest
-        while size < len(text):
-            ids = self.encode(text[:size], lead, template)
+        size: a 50 MB row tokenized whole takes gigabytes. start, start_ids: a head of the text already
+        known to hold that many ids (the prompt inside prompt + completion), so only the rest is bounded."""
+        extra = (need - start_ids + SLACK) * self.longest
+        while start + extra < len(text):
+            ids = self.encode(text[:start + extra], lead, template)
             if len(ids) >= need + SLACK:
                 return ids, True
-            size *= 2  # the normalizer dropped characters (whitespace runs, say): the bound did not hold
+            extra *= 2  # the normalizer dropped characters (whitespace runs, say): the bound did not hold
         return self.encode(text, lead, template), False
 
     def tail(self, text: str, keep: str, need: int, lead: bool, template: bool) -> tuple[list[int], int]:
@@ -158,7 +160,6 @@ class _Encoder:
         if not getattr(self.tok, "chat_template", None):
             raise UserError("the data is conversational (lists of {role, content} messages) but the tokenizer has "
                             "no chat template; use a tokenizer with one, or give the data as text")
-        self.check_messages(messages, name)
         try:
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as e:  # jinja TemplateError and templates' own raise_exception(...) alike
@@ -197,6 +198,8 @@ class _Encoder:
         counts = dict(boundary_mismatch=0, eos_appended=0, truncated=0,
                       special_text=0 if chat else int(self.has_special_text([prompt, *completions.values()])))
         if chat:
+            for name, messages in {"prompt": prompt, **completions}.items():
+                self.check_messages(messages, name)
             prompt_text = self.render(prompt, True, "prompt")
             fulls = {name: self.render(prompt + c, False, name) for name, c in completions.items()}
         else:
@@ -244,7 +247,7 @@ class _Encoder:
     def _completion(self, name, prompt_text, prompt_ids, full_text, need, chat) -> tuple[list[int], bool, bool]:
         """The completion's first `need` ids (all of them if fewer), whether they end the turn, and
         whether the boundary mismatched (allowed: the completion was tokenized alone)."""
-        full_ids, cut = self.head(full_text, len(prompt_ids) + need, not chat, chat)
+        full_ids, cut = self.head(full_text, len(prompt_ids) + need, not chat, chat, len(prompt_text), len(prompt_ids))
         mismatched = full_ids[:len(prompt_ids)] != prompt_ids
         if not mismatched:
             ids = full_ids[len(prompt_ids):]
