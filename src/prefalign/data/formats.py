@@ -47,10 +47,10 @@ import difflib
 import io
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from prefalign.data.jsonsafe import MAX_DEPTH, json_text, unusable
 from prefalign.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -69,8 +69,6 @@ _ALIASES = {
     "desirable": "label", "is_desirable": "label", "kto_label": "label",
 }
 _MISSING = object()  # "no prompt field", as opposed to a null one
-MAX_DEPTH = 100  # nesting levels a row may have; real rows have a handful, a hostile one thousands
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
 
 
@@ -150,13 +148,6 @@ class RejectsWriter:
             f.write(line + "\n")
 
 
-def json_text(value) -> str:
-    """value as one line of JSON that a UTF-8 file can hold: non-ASCII text stays readable, but a lone
-    surrogate is written as its \\uXXXX escape (json.loads reads it back as it was)."""
-    line = json.dumps(value, ensure_ascii=False, default=str)
-    return line.encode("utf-8", "backslashreplace").decode("utf-8") if _SURROGATE.search(line) else line
-
-
 def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
@@ -229,30 +220,6 @@ def _type_name(value) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _unusable(value) -> tuple[str | None, str] | None:
-    """(field path, reason) for the first lone surrogate (in a key or a string) or nesting deeper than
-    MAX_DEPTH in a parsed JSON value; None if there is none. Iterative: the value may be deep."""
-    stack = [(value, None, 0, None)]  # (value, its path, its depth, the row's field it is in)
-    while stack:
-        v, path, depth, top = stack.pop()
-        if depth > MAX_DEPTH:
-            return top, f"nested more than {MAX_DEPTH} levels deep"
-        if isinstance(v, str):
-            m = _SURROGATE.search(v)
-            if m:
-                return path, (f"holds a lone surrogate ({ascii(m.group())[1:-1]} at character {m.start() + 1}), "
-                              "which is not valid Unicode: half of a \\uXXXX escape pair; fix the text's encoding")
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                key = str(k)
-                if _SURROGATE.search(key):
-                    return path, f"a key holds a lone surrogate ({ascii(key)}), which is not valid Unicode"
-                stack.append((x, key if path is None else f"{path}.{key}", depth + 1, top or key))
-        elif isinstance(v, list):
-            stack.extend((x, f"{path}[{i}]", depth + 1, top) for i, x in enumerate(v))
-    return None
-
-
 def _parsed(text: str) -> dict | _Broken:
     """One JSON object from its text, or why not (raw: the text, so a rejects file keeps the row as written)."""
     try:
@@ -263,7 +230,7 @@ def _parsed(text: str) -> dict | _Broken:
         return _Broken(f"nested more than {MAX_DEPTH} levels deep", text, syntax=False)
     if not isinstance(obj, dict):
         return _Broken(f"expected a JSON object, got {_type_name(obj)}", text)
-    problem = _unusable(obj)
+    problem = unusable(obj)
     return obj if problem is None else _Broken(problem[1], text, problem[0], syntax=False)
 
 
@@ -311,7 +278,7 @@ def _read_json(raw: bytes, source: str) -> list[Record]:
 def _json_item(item) -> dict | _Broken:
     if not isinstance(item, dict):
         return _Broken(f"expected a JSON object, got {_type_name(item)}", json.dumps(item, default=str))
-    problem = _unusable(item)
+    problem = unusable(item)
     if problem is None:
         return item
     try:
