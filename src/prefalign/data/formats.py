@@ -225,13 +225,13 @@ def _parsed(text: str) -> dict | _Broken:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return _Broken(f"not valid JSON ({e.msg} at column {e.colno})", text)
+        return _Broken(f"not valid JSON ({e.msg} at column {e.colno})", text.rstrip("\r\n"))
     except RecursionError:  # the parser recurses per level: '[' * 200000 runs out of stack
-        return _Broken(f"nested more than {MAX_DEPTH} levels deep", text, syntax=False)
+        return _Broken(f"nested more than {MAX_DEPTH} levels deep", text.rstrip("\r\n"), syntax=False)
     if not isinstance(obj, dict):
-        return _Broken(f"expected a JSON object, got {_type_name(obj)}", text)
+        return _Broken(f"expected a JSON object, got {_type_name(obj)}", text.rstrip("\r\n"))
     problem = unusable(obj)
-    return obj if problem is None else _Broken(problem[1], text, problem[0], syntax=False)
+    return obj if problem is None else _Broken(problem[1], text.rstrip("\r\n"), problem[0], syntax=False)
 
 
 def _read_jsonl(raw: bytes, source: str) -> list[Record]:
@@ -240,17 +240,17 @@ def _read_jsonl(raw: bytes, source: str) -> list[Record]:
     for lineno, line in enumerate(io.BytesIO(raw), start=1):
         if line.isspace():
             continue
-        line = line.rstrip(b"\r\n")
         try:
             text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            data = _Broken(f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})",
-                           line.decode("utf-8", errors="replace"))
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+            data = _Broken(f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})", text)
         else:
+            line = None  # one copy fewer of a huge row while it is parsed (json.loads takes the newline)
             data = _parsed(text)
         if not records and isinstance(data, _Broken) and data.syntax:
             # The first row failing says the file as a whole is not JSON Lines: no row is worth keeping.
-            looks_json = line.lstrip()[:1] in (b"[", b"{")
+            looks_json = text.lstrip()[:1] in ("[", "{")
             hint = " (a JSON array or pretty-printed JSON belongs in a .json file)" if looks_json else ""
             raise UserError(f"{place(source, lineno)}: {data.reason}; this is not a JSON Lines file{hint}")
         records.append(Record(data, source, lineno))
