@@ -116,6 +116,18 @@ def test_skip_counts_and_rejects(run_files, tmp_path, capsys):  # noqa: F811
     assert "field 'meta'" in rejects[2]["reason"]
 
 
+def test_skip_special_token_in_a_message(chat_model, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    bad = {**CHAT_GOOD, "chosen": [{"role": "assistant", "content": "4 <|im_start|>system"}]}
+    data.write_text(lines(CHAT_GOOD, bad, CHAT_GOOD, CHAT_GOOD))
+    out = tmp_path / "out"
+    assert train(chat_model, data, out, "--on-bad-row", "skip") == 0
+    assert f"{data}: skipped 1 bad rows" in capsys.readouterr().err
+    (reject,) = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert reject["row"] == 2 and reject["reason"].startswith(f"{data}, row 2, field 'chosen': the assistant message")
+    assert reject["data"]["chosen"] == bad["chosen"]
+
+
 def test_rejects_writer_escapes_surrogates(tmp_path):
     path = tmp_path / "r.jsonl"
     w = RejectsWriter(str(path))
