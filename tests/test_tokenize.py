@@ -39,16 +39,18 @@ def test_text_boundary_bos_and_eos(add_bos, add_eos):
     for ids in (item.chosen_ids, item.rejected_ids):
         assert ids.count(EOS_ID) == 1 and BOS_ID not in ids
     assert stats == dict(rows=1, kept=1, skipped=0, truncated=0, boundary_mismatch=0, eos_appended=2,
-                         bos_deduplicated=0)
+                         bos_deduplicated=0, special_text=0)
 
 
-def test_eos_not_doubled_and_bos_not_doubled():
+def test_special_token_strings_in_text_are_text():
+    """Data text is text: a '<bos>' or '<eos>' typed in a prompt or completion is tokenized as those
+    characters (not the special ids), so BOS is never doubled nor EOS taken from the data; counted."""
     tok = make_tokenizer(add_bos=True)
-    # The prompt was pre-rendered with its BOS, and the chosen text already ends with EOS.
     item, stats = one(pair(prompt="<bos>" + PROMPT, chosen=" Paris.<eos>"), tok)
-    assert item.prompt_ids[:2] == [BOS_ID, plain(tok, PROMPT)[0]]
+    split = tok("<bos>" + PROMPT, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert item.prompt_ids == [BOS_ID] + split and item.prompt_ids.count(BOS_ID) == 1
     assert item.chosen_ids.count(EOS_ID) == 1 and item.chosen_ids[-1] == EOS_ID
-    assert stats["bos_deduplicated"] == 1 and stats["eos_appended"] == 1  # only rejected needed one
+    assert stats["bos_deduplicated"] == 0 and stats["eos_appended"] == 2 and stats["special_text"] == 1
 
 
 def test_boundary_mismatch_is_an_error_naming_the_row():

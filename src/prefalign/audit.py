@@ -300,7 +300,7 @@ def print_summary(report: dict, console=None) -> None:
                                  f"ties {lb['ties']} (share {lb['share_chosen_longer']:.2f}, sign p "
                                  f"{lb['sign_test_p']:.2g}, r_pb {lb['point_biserial'] or 0:.2f}); ratio p5/p50/p95 "
                                  f"{q['p5']:.2f}/{q['p50']:.2f}/{q['p95']:.2f}")
-    elif "point_biserial" in lb:
+    elif "mean_chars_desirable" in lb:  # unpaired (paired stats with all lengths tied have r_pb too)
         t.add_row("length bias", f"mean chars desirable {lb['mean_chars_desirable']}, undesirable "
                                  f"{lb['mean_chars_undesirable']}, r_pb {lb['point_biserial']}")
     if "duplicates" in ch:

@@ -59,6 +59,9 @@ def load_items(cfg: TrainConfig, tokenizer, path: str, kind: str, rejects_path: 
     skipped = loaded.skipped + result.stats.get("skipped", 0)
     if skipped:
         log(f"{path}: skipped {skipped} bad rows (written to {rejects_path})")
+    if result.stats.get("special_text"):
+        log(f"{path}: {result.stats['special_text']} rows hold special-token strings (such as '</s>') in their "
+            "text; they are tokenized as plain text, not as special tokens")
     if result.stats.get("truncated"):
         log(f"{path}: truncated {result.stats['truncated']} rows to max_length {cfg.max_length}")
     if not result.items:

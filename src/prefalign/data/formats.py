@@ -32,9 +32,12 @@ strings "true"/"false" (any case) are accepted. Anything else ("yes", 1, 1.0, a 
 row: guessing what 1 or "y" means is how a dataset's labels silently flip.
 
 Bad rows (missing or misnamed fields, wrong types, empty strings, chosen == rejected, unknown
-roles, a row whose format differs from the first row's) raise a UserError naming the file, row and
+roles, a row whose format differs from the first row's; in JSON, text holding a lone surrogate such
+as "\\ud800", which is not Unicode and which no tokenizer or file can take, and values nested more
+than MAX_DEPTH levels deep) raise a UserError naming the file, row and
 field, or, with on_bad_row="skip", are counted and written with their reason to rejects_path.
-Problems with the whole file (missing, empty, not what its extension says) always raise.
+Problems with the whole file (missing, empty, not what its extension says, a CSV header naming a
+column twice, a .json file nested too deeply to parse) always raise.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from prefalign.data.jsonsafe import MAX_DEPTH, json_text, unusable
 from prefalign.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -135,8 +139,11 @@ class RejectsWriter:
         self.count += 1
         if self.path is None:
             return
-        line = json.dumps({"source": source, "row": row, "reason": reason, "data": data},
-                          ensure_ascii=False, default=str)
+        record = {"source": source, "row": row, "reason": reason, "data": data}
+        try:
+            line = json_text(record)
+        except RecursionError:
+            line = json_text({**record, "data": f"(not written: nested more than {MAX_DEPTH} levels deep)"})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
@@ -151,9 +158,12 @@ def check_choice(name: str, value: str, choices) -> None:
 # ----------------------------------------------------------------------------- reading
 
 class _Broken(NamedTuple):
-    """A row that could not even be parsed (bad JSON line, bad bytes): a bad row, skippable."""
+    """A row that could not even be parsed (bad JSON line, bad bytes) or holds what no later step can
+    handle (a lone surrogate, deep nesting): a bad row, skippable."""
     reason: str
     raw: str
+    field: str | None = None
+    syntax: bool = True  # False: valid JSON, just not usable (a first row like that is not a wrong file)
 
 
 def read_records(spec: str, split: str = "train") -> list[Record]:
@@ -161,7 +171,7 @@ def read_records(spec: str, split: str = "train") -> list[Record]:
     records = _read(spec, split)
     for r in records:
         if isinstance(r.data, _Broken):
-            raise UserError(f"{place(r.source, r.row)}: {r.data.reason}")
+            raise UserError(f"{place(r.source, r.row, r.data.field)}: {r.data.reason}")
     return records
 
 
@@ -210,25 +220,37 @@ def _type_name(value) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
+def _parsed(text: str) -> dict | _Broken:
+    """One JSON object from its text, or why not (raw: the text, so a rejects file keeps the row as written)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return _Broken(f"not valid JSON ({e.msg} at column {e.colno})", text.rstrip("\r\n"))
+    except RecursionError:  # the parser recurses per level: '[' * 200000 runs out of stack
+        return _Broken(f"nested more than {MAX_DEPTH} levels deep", text.rstrip("\r\n"), syntax=False)
+    if not isinstance(obj, dict):
+        return _Broken(f"expected a JSON object, got {_type_name(obj)}", text.rstrip("\r\n"))
+    problem = unusable(obj)
+    return obj if problem is None else _Broken(problem[1], text.rstrip("\r\n"), problem[0], syntax=False)
+
+
 def _read_jsonl(raw: bytes, source: str) -> list[Record]:
     records = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
+    # Line by line from a buffer (not raw.split): a second copy of the whole file is never held.
+    for lineno, line in enumerate(io.BytesIO(raw), start=1):
+        if line.isspace():
             continue
         try:
             text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            data = _Broken(f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})",
-                           line.decode("utf-8", errors="replace"))
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+            data = _Broken(f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})", text)
         else:
-            try:
-                obj = json.loads(text)
-                data = obj if isinstance(obj, dict) else _Broken(f"expected a JSON object, got {_type_name(obj)}", text)
-            except json.JSONDecodeError as e:
-                data = _Broken(f"not valid JSON ({e.msg} at column {e.colno})", text)
-        if not records and isinstance(data, _Broken):
+            line = None  # one copy fewer of a huge row while it is parsed (json.loads takes the newline)
+            data = _parsed(text)
+        if not records and isinstance(data, _Broken) and data.syntax:
             # The first row failing says the file as a whole is not JSON Lines: no row is worth keeping.
-            looks_json = line.lstrip()[:1] in (b"[", b"{")
+            looks_json = text.lstrip()[:1] in ("[", "{")
             hint = " (a JSON array or pretty-printed JSON belongs in a .json file)" if looks_json else ""
             raise UserError(f"{place(source, lineno)}: {data.reason}; this is not a JSON Lines file{hint}")
         records.append(Record(data, source, lineno))
@@ -243,19 +265,35 @@ def _read_json(raw: bytes, source: str) -> list[Record]:
         if e.msg == "Extra data":  # one object per line, saved as .json (common on the hub)
             return _read_jsonl(raw, source)
         raise UserError(f"{source}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # the whole file is one value: no row to point at, nothing to skip
+        raise UserError(f"{source}: JSON nested too deeply to read (rows may nest at most {MAX_DEPTH} "
+                        "levels)") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
         raise UserError(f"{source}: expected a list of objects or {{\"data\": [...]}}, got {_type_name(obj)}")
-    return [Record(item if isinstance(item, dict) else _Broken(f"expected a JSON object, got {_type_name(item)}",
-                                                               json.dumps(item, default=str)), source, i)
-            for i, item in enumerate(obj, start=1)]
+    return [Record(_json_item(item), source, i) for i, item in enumerate(obj, start=1)]
+
+
+def _json_item(item) -> dict | _Broken:
+    if not isinstance(item, dict):
+        return _Broken(f"expected a JSON object, got {_type_name(item)}", json.dumps(item, default=str))
+    problem = unusable(item)
+    if problem is None:
+        return item
+    try:
+        raw = json_text(item)
+    except RecursionError:
+        raw = "(not written: too deep)"
+    return _Broken(problem[1], raw, problem[0], syntax=False)
 
 
 def _read_csv(raw: bytes, source: str) -> list[Record]:
     text = _decode(raw, source)
     try:
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        _check_header(reader.fieldnames or [], source)
+        rows = list(reader)
     except csv.Error as e:
         raise UserError(f"{source}: not a valid CSV file ({e})") from None
     records = []
@@ -268,6 +306,14 @@ def _read_csv(raw: bytes, source: str) -> list[Record]:
             data = dict(row)
         records.append(Record(data, source, i))
     return records
+
+
+def _check_header(names: list[str], source: str) -> None:
+    # DictReader keeps the last of two same-named columns: the first would be silently ignored.
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise UserError(f"{source}: the header names column '{name}' twice (columns {names.index(name) + 1} "
+                            f"and {i + 1}); rename or remove one")
 
 
 def _read_parquet(raw: bytes, source: str) -> list[Record]:
@@ -492,7 +538,7 @@ _NORMALIZE = {"paired": _paired, "unpaired": _unpaired, "prompt": _prompt_only, 
 def _example(rec: Record, kind: str):
     """(example, kind) for one record, or BadRow."""
     if isinstance(rec.data, _Broken):
-        raise BadRow(None, rec.data.reason)
+        raise BadRow(rec.data.field, rec.data.reason)
     detected = _detect(rec.data)
     if kind == "sft" and detected == "paired":
         kind = "paired"  # SFT on preference data trains on the chosen side
