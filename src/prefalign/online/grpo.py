@@ -253,6 +253,7 @@ def load_policy(cfg, model=None, tokenizer=None):
         tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model)
     if model is None:
         model = models.load_model(cfg.model)
+    models.check_vocab(tokenizer, model, cfg.model)
     return model, tokenizer
 
 
