@@ -322,8 +322,11 @@ def grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, prompts=None, reward=No
                             batch_size=cfg.generation_batch_size)
         t1 = time.perf_counter()
         # 2. score
-        scores = score_fn.score(p_texts, gens.texts, extra)
+        scores = score_fn.score(p_texts, gens.texts, extra,
+                                rows=[f"prompt {i + 1}, sample {k + 1}" for i in idx for k in range(cfg.group_size)])
         rewards = torch.tensor(scores.total, dtype=torch.float32)                       # [B]
+        if not torch.isfinite(rewards).all():  # the reward checks above should make this unreachable
+            raise UserError(f"step {step + 1}: non-finite rewards {rewards.tolist()[:8]}; no update made")
         adv = group_advantages(rewards, cfg.group_size, cfg.scale).to(device)            # [B]
         t2 = time.perf_counter()
         # 3. update
