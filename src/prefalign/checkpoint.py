@@ -216,19 +216,19 @@ def _state_ok(state) -> bool:
 
 
 def check_weights(path: str, model, weights: dict) -> None:
-    """The checkpoint holds exactly this model's trainable tensors, with the same shapes."""
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = [n for n in own if n not in weights]
+    """The checkpoint holds every trainable tensor of this model, with the same shapes, and
+    nothing this model lacks."""
+    own = dict(model.named_parameters())
+    missing = [n for n, p in own.items() if p.requires_grad and n not in weights]
     if missing:
         raise UserError(f"checkpoint {path} does not match this model (missing {missing[0]}, ...)")
     extra = [n for n in weights if n not in own]
     if extra:
-        raise UserError(f"checkpoint {path} does not match this model (it has {extra[0]}, which this model "
-                        f"does not train)")
-    for name, p in own.items():
-        if tuple(weights[name].shape) != tuple(p.shape):
+        raise UserError(f"checkpoint {path} does not match this model (it has {extra[0]}, which this model lacks)")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
             raise UserError(f"checkpoint {path} does not match this model: {name} has shape "
-                            f"{list(weights[name].shape)} in the checkpoint, {list(p.shape)} in the model")
+                            f"{list(tensor.shape)} in the checkpoint, {list(own[name].shape)} in the model")
 
 
 def check_layout(path: str, optim_state: dict, sharded: bool) -> None:
