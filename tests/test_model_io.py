@@ -308,3 +308,15 @@ def test_cache_dir_permission_denied(files, tmp_path, capsys, monkeypatch):
     line = one_error(train_args(files, tmp_path / "o", "--reference", "precomputed", "--cache-dir", str(cache)),
                      capsys, f"{cache}/ref-", "cannot write the reference cache: permission denied")
     assert "--cache-dir" in line and os.listdir(cache) == []  # no half-written cache file
+
+
+def test_cache_dir_that_is_a_file_is_refused_before_the_reference_pass(files, tmp_path, capsys, monkeypatch):
+    import prefalign.reference as reference
+
+    def no_pass(*a, **k):
+        raise AssertionError("the reference pass ran before the cache dir was checked")
+
+    monkeypatch.setattr(reference.ModelReference, "pair_logps", no_pass)
+    (tmp_path / "afile").write_text("x")
+    one_error(train_args(files, tmp_path / "o", "--reference", "precomputed", "--cache-dir", str(tmp_path / "afile")),
+              capsys, f"--cache-dir {tmp_path / 'afile'} is a file, not a directory")

@@ -110,6 +110,8 @@ def precompute(ref: ModelReference, items, batch_size: int, cache_dir: str, key:
                accelerator=None, progress=None, log=print) -> PrecomputedReference:
     """One pass of the reference over all pairs (split across processes), cached on disk.
     A cache file that is damaged (cut short, emptied, flipped bits) is recomputed, never used."""
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):  # before the pass, not after it
+        raise UserError(f"--cache-dir {cache_dir} is a file, not a directory")
     path = os.path.join(cache_dir, f"ref-{key}.safetensors")
     if os.path.exists(path):
         cached, problem = read_cache(path, len(items))

@@ -296,9 +296,10 @@ def grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, prompts=None, reward=No
     ref = None
     if cfg.beta > 0:  # beta 0: no reference is loaded at all
         if ref_model is None and cfg.ref_model:
-            from prefalign.models import load_model
+            from prefalign.models import check_vocab, load_model
 
             ref_model = load_model(cfg.ref_model)
+            check_vocab(tok, ref_model, cfg.ref_model)
         ref = freeze(ref_model if ref_model is not None else copy.deepcopy(policy)).to(device)
     write_config(cfg.output, cfg)
 
