@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from test_packing import SHAPES, TOL, dpo_like, make_pairs, padded_pair_logps, param_grads
-from tiny import make_tokenizer
+from tiny import make_model, make_tokenizer
 from tiny_lms import tiny_lm
 
 from prefalign import models, prepare
@@ -105,14 +105,14 @@ def test_build_applies_attention_to_policy_and_reference(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": " yes", "rejected": " no"}) + "\n"
                             for i in range(4)))
-    model_dir = tmp_path / "model"
-    tiny_lm("llama").save_pretrained(model_dir)
+    model_dir = tmp_path / "model"  # make_model: the vocabulary of make_tokenizer (checked on loading)
+    make_model("llama").save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     cfg = build({"model": str(model_dir), "data": str(data), "output": str(tmp_path / "o"), "attention": "eager"})
     s = prepare.build(cfg, device=torch.device("cpu"), log=lambda m: None)
     assert s.policy.config._attn_implementation == "eager"
     assert s.reference.model.config._attn_implementation == "eager"
-    passed = prepare.build(cfg, device=torch.device("cpu"), model=tiny_lm("llama"), ref_model=tiny_lm("llama"),
+    passed = prepare.build(cfg, device=torch.device("cpu"), model=make_model("llama"), ref_model=make_model("llama"),
                            log=lambda m: None)
     assert passed.policy.config._attn_implementation == "eager"
     assert passed.reference.model.config._attn_implementation == "eager"

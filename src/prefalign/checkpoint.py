@@ -17,9 +17,10 @@ import re
 import shutil
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from prefalign.errors import UserError
+from prefalign.errors import UserError, os_error_from
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -69,9 +70,27 @@ def save(root: str, step: int, weights: dict[str, torch.Tensor], optim_state: di
         if d.startswith(".tmp-step-"):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        _write(tmp, step, weights, optim_state, scheduler, trainer_state)
+    except BaseException as e:  # a full disk, a signal: no half checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = os_error_from(e, final)
+        if error is None:
+            raise
+        error.filename = final  # not the temporary name, which is gone
+        raise error from None
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(tmp: str, step: int, weights, optim_state, scheduler, trainer_state) -> None:
     save_file(weights, os.path.join(tmp, "weights.safetensors"))
-    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()},
-               os.path.join(tmp, "optim.pt"))
+    with open(os.path.join(tmp, "optim.pt"), "wb") as fh:  # a file object: a failed write is an OSError
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, fh)
     with open(os.path.join(tmp, "state.json"), "w") as fh:
         json.dump({"step": step, "trainer": trainer_state, "rng": rng_state()}, fh)
     files = sorted(os.listdir(tmp))
@@ -81,12 +100,6 @@ def save(root: str, step: int, weights: dict[str, torch.Tensor], optim_state: di
         json.dump({"step": step, "files": manifest}, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -97,6 +110,9 @@ def list_checkpoints(root: str) -> list[str]:
     return [os.path.join(root, d) for _, d in sorted(found)]
 
 
+FILES = ("weights.safetensors", "optim.pt", "state.json")
+
+
 def validate(path: str) -> str | None:
     """None when the checkpoint is complete and intact, else the reason it is not."""
     mpath = os.path.join(path, MANIFEST)
@@ -105,9 +121,15 @@ def validate(path: str) -> str | None:
     try:
         with open(mpath) as fh:
             manifest = json.load(fh)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
         return "unreadable manifest"
-    for name, meta in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(_is_entry(m) for m in files.values()):
+        return "manifest has the wrong structure (not written by prefalign, or edited)"
+    for name in FILES:
+        if name not in files:
+            return f"the manifest does not list {name}"
+    for name, meta in files.items():
         f = os.path.join(path, name)
         if not os.path.isfile(f):
             return f"missing {name}"
@@ -115,6 +137,21 @@ def validate(path: str) -> str | None:
             return f"{name} has {os.path.getsize(f)} bytes, expected {meta['bytes']} (truncated)"
         if _digest(f) != meta["sha256"]:
             return f"{name} is corrupted (checksum mismatch)"
+    return _contents_problem(path)
+
+
+def _is_entry(meta) -> bool:
+    return (isinstance(meta, dict) and isinstance(meta.get("bytes"), int)
+            and isinstance(meta.get("sha256"), str))
+
+
+def _contents_problem(path: str) -> str | None:
+    """Files that match their manifest can still be wrong inside (written damaged, or the
+    manifest rewritten to match): each must parse and hold what `read` and `restore` use."""
+    try:
+        read(path, check_only=True)
+    except UserError as e:
+        return str(e).removeprefix(f"checkpoint {path}: ")
     return None
 
 
@@ -133,20 +170,65 @@ def find_resume(root: str, spec: str, warn=print) -> str | None:
     return None
 
 
-def read(path: str) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
-    """(weights, optimizer state, scheduler state, {"step", "trainer", "rng"}) of a checkpoint."""
-    weights = load_file(os.path.join(path, "weights.safetensors"))
-    # weights_only: never unpickle arbitrary objects from disk.
-    opt = torch.load(os.path.join(path, "optim.pt"), weights_only=True)
-    with open(os.path.join(path, "state.json")) as fh:
-        state = json.load(fh)
+def read(path: str, check_only: bool = False) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
+    """(weights, optimizer state, scheduler state, {"step", "trainer", "rng"}) of a checkpoint.
+    A file that does not parse, or lacks what a resume needs, is a UserError naming it.
+    check_only: read the weights' header and map the optimizer state, without loading them."""
+    def damaged(name, why):
+        return UserError(f"checkpoint {path}: {name} is damaged ({why})")
+
+    try:
+        wpath = os.path.join(path, "weights.safetensors")
+        if check_only:
+            with safe_open(wpath, "pt") as fh:
+                weights = dict.fromkeys(fh.keys())
+        else:
+            weights = load_file(wpath)
+    except (SafetensorError, OSError) as e:
+        raise damaged("weights.safetensors", e) from None
+    try:
+        # weights_only: never unpickle arbitrary objects from disk.
+        opt = torch.load(os.path.join(path, "optim.pt"), weights_only=True, mmap=check_only)
+    except Exception as e:  # torch raises many types for a bad archive; all mean the same here
+        raise damaged("optim.pt", str(e).splitlines()[0][:120] if str(e) else type(e).__name__) from None
+    if not (isinstance(opt, dict) and isinstance(opt.get("optimizer"), dict)
+            and isinstance(opt.get("scheduler"), dict) and "param_groups" in opt["optimizer"]):
+        raise damaged("optim.pt", "no optimizer and scheduler state")
+    try:
+        with open(os.path.join(path, "state.json")) as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise damaged("state.json", e) from None
+    if not _state_ok(state):
+        raise damaged("state.json", "missing or wrong step, trainer or rng fields")
     return weights, opt["optimizer"], opt["scheduler"], state
 
 
+def _state_ok(state) -> bool:
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0
+            and isinstance(state.get("trainer"), dict) and isinstance(state.get("rng"), dict)):
+        return False
+    py, tr = state["rng"].get("python"), state["rng"].get("torch")
+    # The lengths of CPython's Mersenne Twister state and of torch's CPU generator state.
+    return (isinstance(py, list) and len(py) == 3 and isinstance(py[1], list) and len(py[1]) == 625
+            and isinstance(tr, list) and len(tr) == torch.get_rng_state().numel()
+            and all(isinstance(b, int) and 0 <= b < 256 for b in tr))
+
+
 def check_weights(path: str, model, weights: dict) -> None:
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
+    """The checkpoint holds every trainable tensor of this model, with the same shapes, and
+    nothing this model lacks."""
+    own = dict(model.named_parameters())
+    missing = [n for n, p in own.items() if p.requires_grad and n not in weights]
     if missing:
         raise UserError(f"checkpoint {path} does not match this model (missing {missing[0]}, ...)")
+    extra = [n for n in weights if n not in own]
+    if extra:
+        raise UserError(f"checkpoint {path} does not match this model (it has {extra[0]}, which this model lacks)")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise UserError(f"checkpoint {path} does not match this model: {name} has shape "
+                            f"{list(tensor.shape)} in the checkpoint, {list(own[name].shape)} in the model")
 
 
 def check_layout(path: str, optim_state: dict, sharded: bool) -> None:
@@ -165,7 +247,10 @@ def apply(model, optimizer, weights: dict, optim_state: dict) -> None:
     with torch.no_grad():
         for name, tensor in weights.items():
             own[name].copy_(tensor)
-    optimizer.load_state_dict(optim_state)
+    try:
+        optimizer.load_state_dict(optim_state)
+    except (ValueError, KeyError, TypeError) as e:  # torch's own check: groups or sizes differ
+        raise UserError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
 
 
 def restore(scheduler, sched_state: dict, state: dict) -> dict:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from prefalign.errors import UserError
+from prefalign.errors import UserError, os_error_from, os_error_line, os_errors_name
 
 TRAIN_HELP = """Train a model with a preference loss (DPO and relatives, KTO) or SFT.
 Every flag is also a YAML key for --config (max_steps <-> --max-steps); flags win over the file."""
@@ -82,7 +82,8 @@ def cmd_train(args, base=None):
     if args.num_processes > 1 and not _launched():
         return relaunch(args.argv, args.num_processes)
     try:
-        result = train.train(cfg)
+        with os_errors_name(cfg.output):
+            result = train.train(cfg)
     finally:
         _leave_process_group()
     if result.stopped.startswith("signal"):
@@ -183,6 +184,12 @@ def main(argv=None) -> int:
         return rc if isinstance(rc, int) else 0
     except UserError as e:
         print(f"prefalign: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # permissions, a full disk, a read-only file system, a file where a dir should be
+        os_error = os_error_from(e)
+        if os_error is None:
+            raise
+        print(f"prefalign: error: {os_error_line(os_error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefalign: interrupted", file=sys.stderr)

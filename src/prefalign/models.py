@@ -7,9 +7,11 @@ unpickling runs code).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+from safetensors import SafetensorError
 
 from prefalign.errors import UserError
 
@@ -50,13 +52,19 @@ def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype
     from transformers import AutoModelForCausalLM
 
     _check_source(path, "model")
-    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True)
+    # Loading info + no exception on size mismatches: prefalign itself refuses missing or
+    # mismatched tensors (transformers would only print a report and train on random weights).
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True,
+                  output_loading_info=True, ignore_mismatched_sizes=not qlora)
     if attention != "auto":
         kwargs["attn_implementation"] = attention
     if qlora:
         kwargs["quantization_config"] = _qlora_config()
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
+        with _quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
+    except SafetensorError as e:
+        raise UserError(f"{path}: the safetensors weights are truncated or corrupted ({e})") from None
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0]
         if "safetensors" in first.lower():
@@ -65,7 +73,47 @@ def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype
         if attention != "auto" and attention in first:
             raise UserError(f"{path}: {_attention_refused(first, attention)}") from None
         raise UserError(f"could not load a model from {path}: {first}") from None
+    check_loading_info(path, info)
     return model
+
+
+def check_loading_info(path: str, info: dict) -> None:
+    """Refuse weights files that lack tensors or hold tensors of another shape (tied weights,
+    such as an lm_head tied to the embeddings, are not reported missing by transformers)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"{path}: the weights file lacks {', '.join(missing[:3])}{more} "
+                        f"(they would train from random values)")
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
+    if mismatched:
+        name, saved, wanted = mismatched[0]
+        raise UserError(f"{path}: {name} has shape {list(saved)} in the weights but {list(wanted)} in config.json "
+                        f"(config and weights do not match, e.g. vocab_size)")
+
+
+def check_vocab(tokenizer, model, model_path: str) -> None:
+    """Before the first step: an id past the embedding rows would index out of range mid-run."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    largest = len(tokenizer) - 1
+    if largest >= rows:
+        raise UserError(f"the tokenizer has ids up to {largest} but the model {model_path or '(in-process)'} has "
+                        f"only {rows} embedding rows; use the model's own tokenizer (--tokenizer) or resize "
+                        f"its embeddings")
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    # transformers prints a multi-line LOAD REPORT before our one-line error says the same.
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def set_attention(model, attention: str):

@@ -122,6 +122,7 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
                                   attention=cfg.attention)
     else:
         models.set_attention(model, cfg.attention)
+    models.check_vocab(tokenizer, model, cfg.model)
     if cfg.lora_r > 0 and not models.is_peft(model):
         torch.manual_seed(cfg.seed)
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
@@ -143,6 +144,7 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
                                           dtype=dtype, attention=cfg.attention)
         else:
             models.set_attention(ref_model, cfg.attention)
+        models.check_vocab(tokenizer, ref_model, cfg.ref_model or cfg.model)
         reference = refs.ModelReference(models.freeze(ref_model).to(device), **ref_kw)
     elif strategy in ("adapters-off", "precomputed"):
         reference = refs.ModelReference(model, adapters_off=True, **ref_kw)
@@ -154,7 +156,8 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
                              settings)
         cache_dir = cfg.cache_dir or os.path.join(cfg.output, "ref_cache")
         log(f"precomputing reference log-probs for {len(items) + len(eval_items)} pairs (cache {cache_dir})")
-        reference = refs.precompute(reference, items + eval_items, cfg.batch_size, cache_dir, key, accelerator)
+        reference = refs.precompute(reference, items + eval_items, cfg.batch_size, cache_dir, key, accelerator,
+                                     log=log)
         ref_model = None  # the reference model is freed: training runs no reference forward
         gc.collect()
     return Setup(tokenizer, model, reference, spec, items, eval_items, stats)

@@ -13,10 +13,11 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from prefalign import objective
-from prefalign.errors import UserError
+from prefalign.errors import UserError, os_error_from, os_error_line
 from prefalign.logprobs import SeqLogps
 
 
@@ -106,15 +107,17 @@ def cache_key(model_id: str, model, items, settings: dict) -> str:
 
 
 def precompute(ref: ModelReference, items, batch_size: int, cache_dir: str, key: str,
-               accelerator=None, progress=None) -> PrecomputedReference:
-    """One pass of the reference over all pairs (split across processes), cached on disk."""
+               accelerator=None, progress=None, log=print) -> PrecomputedReference:
+    """One pass of the reference over all pairs (split across processes), cached on disk.
+    A cache file that is damaged (cut short, emptied, flipped bits) is recomputed, never used."""
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):  # before the pass, not after it
+        raise UserError(f"--cache-dir {cache_dir} is a file, not a directory")
     path = os.path.join(cache_dir, f"ref-{key}.safetensors")
-    if os.path.isfile(path):
-        t = load_file(path)
-        values = t["values"].tolist()
-        counts = t["counts"].tolist()
-        if len(values) == len(items):
-            return PrecomputedReference({pair_key(it): (*v, *c) for it, v, c in zip(items, values, counts)})
+    if os.path.exists(path):
+        cached, problem = read_cache(path, len(items))
+        if cached is not None:
+            return _table(items, *cached)
+        log(f"reference cache {path} is damaged ({problem}); recomputing it")
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     mine = list(range(rank, len(items), world))
@@ -131,8 +134,48 @@ def precompute(ref: ModelReference, items, batch_size: int, cache_dir: str, key:
         vals = accelerator.reduce(vals.to(accelerator.device), reduction="sum").cpu()
         cnts = accelerator.reduce(cnts.to(accelerator.device), reduction="sum").cpu()
     if rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        save_file({"values": vals.contiguous(), "counts": cnts.contiguous()}, tmp)
-        os.replace(tmp, path)
+        write_cache(path, vals.contiguous(), cnts.contiguous())
+    return _table(items, vals, cnts)
+
+
+def _table(items, vals: torch.Tensor, cnts: torch.Tensor) -> PrecomputedReference:
     return PrecomputedReference({pair_key(it): (*v, *c) for it, v, c in zip(items, vals.tolist(), cnts.tolist())})
+
+
+def _checksum(vals: torch.Tensor, cnts: torch.Tensor) -> str:
+    return hashlib.sha256(vals.numpy().tobytes() + cnts.numpy().tobytes()).hexdigest()
+
+
+def write_cache(path: str, vals: torch.Tensor, cnts: torch.Tensor) -> None:
+    """Written under a temporary name and renamed: a crash leaves no half file under `path`."""
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        save_file({"values": vals, "counts": cnts}, tmp, metadata={"sha256": _checksum(vals, cnts)})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        error = os_error_from(e, path)
+        if error is None:
+            raise
+        raise UserError(f"{path}: cannot write the reference cache: {os_error_line(error).rsplit(': ', 1)[-1]} "
+                        f"(choose another --cache-dir)") from None
+
+
+def read_cache(path: str, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+    """((values [n, 2], counts [n, 2]), "") from an intact cache of n pairs, else (None, why not)."""
+    try:
+        with safe_open(path, "pt") as fh:
+            meta = fh.metadata() or {}
+            t = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (OSError, SafetensorError) as e:
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+    vals, cnts = t.get("values"), t.get("counts")
+    if vals is None or cnts is None or vals.dtype != torch.float32 or cnts.dtype != torch.long:
+        return None, "not a reference cache"
+    if vals.shape != (n, 2) or cnts.shape != (n, 2):
+        return None, f"shape {list(vals.shape)} for {n} pairs"
+    if meta.get("sha256") != _checksum(vals, cnts):
+        return None, "checksum mismatch"
+    return (vals, cnts), ""

@@ -115,10 +115,12 @@ def cmd_generate(args):
 
 
 def cmd_grpo(args):
+    from prefalign.errors import os_errors_name
     from prefalign.online.grpo import GRPOConfig, grpo
 
     cfg = from_flags(GRPOConfig, args, args.config)
-    result = grpo(cfg)
+    with os_errors_name(cfg.output):  # a write that fails at close names no file: name the run
+        result = grpo(cfg)
     last = result.history[-1] if result.history else {}
     first = result.history[0] if result.history else {}
     print(f"done: {result.steps} steps -> {result.output}  reward {first.get('reward/mean', float('nan')):.4g} -> "

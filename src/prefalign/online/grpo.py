@@ -253,6 +253,7 @@ def load_policy(cfg, model=None, tokenizer=None):
         tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model)
     if model is None:
         model = models.load_model(cfg.model)
+    models.check_vocab(tokenizer, model, cfg.model)
     return model, tokenizer
 
 
@@ -295,9 +296,10 @@ def grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, prompts=None, reward=No
     ref = None
     if cfg.beta > 0:  # beta 0: no reference is loaded at all
         if ref_model is None and cfg.ref_model:
-            from prefalign.models import load_model
+            from prefalign.models import check_vocab, load_model
 
             ref_model = load_model(cfg.ref_model)
+            check_vocab(tok, ref_model, cfg.ref_model)
         ref = freeze(ref_model if ref_model is not None else copy.deepcopy(policy)).to(device)
     write_config(cfg.output, cfg)
 
@@ -321,8 +323,11 @@ def grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, prompts=None, reward=No
                             batch_size=cfg.generation_batch_size)
         t1 = time.perf_counter()
         # 2. score
-        scores = score_fn.score(p_texts, gens.texts, extra)
+        scores = score_fn.score(p_texts, gens.texts, extra,
+                                rows=[f"prompt {i + 1}, sample {k + 1}" for i in idx for k in range(cfg.group_size)])
         rewards = torch.tensor(scores.total, dtype=torch.float32)                       # [B]
+        if not torch.isfinite(rewards).all():  # the reward checks above should make this unreachable
+            raise UserError(f"step {step + 1}: non-finite rewards {rewards.tolist()[:8]}; no update made")
         adv = group_advantages(rewards, cfg.group_size, cfg.scale).to(device)            # [B]
         t2 = time.perf_counter()
         # 3. update

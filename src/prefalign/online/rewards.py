@@ -10,8 +10,9 @@ A function gets only the columns its signature names (all of them if it takes **
     reward = load_reward("my_rewards.py:score")          # or "pkg.module:score", "exact_answer", ...
     scores = reward(prompts, completions, answer=answers)
 
-Wrapped in `Reward`, a function's output is checked: an exception, a wrong length, a NaN/inf or
-a non-number becomes a `UserError` that names the function and the row.
+Wrapped in `Reward`, a function's output is checked: an exception (sys.exit too), a wrong length,
+a NaN/inf, a value beyond float32 or a non-number becomes a `UserError` that names the function
+and the row.
 
 Built-in specs for `load_reward`:
     exact_answer        1 if the completion's final answer equals the `answer` column
@@ -37,6 +38,7 @@ import torch
 from prefalign.errors import UserError
 
 RewardFn = Callable[..., Sequence[float]]
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are float32 tensors in the loops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,14 +79,14 @@ def _import_function(spec: str) -> Callable:
         module = importlib.util.module_from_spec(mod_spec)
         try:
             mod_spec.loader.exec_module(module)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a module-level sys.exit too
             raise UserError(f"reward function {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as e:
             raise UserError(f"reward function {spec!r}: no module named {e.name!r}") from e
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise UserError(f"reward function {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
     fn = getattr(module, name, None)
     if fn is None:
@@ -123,6 +125,9 @@ class Reward:
             out = self.fn(list(prompts), list(completions), **kwargs)
         except UserError:
             raise
+        except SystemExit as e:  # sys.exit in a reward function must not end prefalign with status 0
+            where = self._failing_row(prompts, completions, kwargs, rows)
+            raise UserError(f"reward function {self.name} called sys.exit({e.code!r}) ({where})") from None
         except Exception as e:
             where = self._failing_row(prompts, completions, kwargs, rows)
             raise UserError(f"reward function {self.name} raised {type(e).__name__}: {e} ({where})") from e
@@ -149,7 +154,7 @@ class Reward:
         for i in range(len(prompts)):
             try:
                 self.fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in kwargs.items()})
-            except Exception:
+            except (Exception, SystemExit):
                 return _row_name(i, rows, completions)
         return f"on a batch of {len(prompts)} rows; each row alone passed"
 
@@ -170,8 +175,9 @@ class Reward:
             if not isinstance(v, (int, float)):  # bool is an int: True/False read as 1/0
                 raise UserError(f"reward function {self.name} returned a non-number {v!r} ({_row_name(i, rows, completions)})")
             v = float(v)
-            if not math.isfinite(v):
-                raise UserError(f"reward function {self.name} returned {v} ({_row_name(i, rows, completions)})")
+            if not abs(v) <= FLOAT32_MAX:  # also nan; rewards become float32 tensors, where 1e39 is inf
+                beyond = "" if not math.isfinite(v) else f", beyond the float32 range (|r| <= {FLOAT32_MAX:.4g})"
+                raise UserError(f"reward function {self.name} returned {v}{beyond} ({_row_name(i, rows, completions)})")
             values.append(v)
         return values
 
@@ -210,6 +216,11 @@ class CombinedReward:
             values = r.score(prompts, completions, extra, rows)
             components[r.name] = values
             total = [t + r.weight * v for t, v in zip(total, values)]
+        for i, t in enumerate(total):
+            if not abs(t) <= FLOAT32_MAX:  # each value was in range; the weighted sum is not
+                terms = " + ".join(f"{r.weight:g} * {components[r.name][i]:g} ({r.name})" for r in self.rewards)
+                raise UserError(f"the weighted reward {terms} = {t:g} is not a finite float32 "
+                                f"({_row_name(i, rows, completions)})")
         return RewardScores(total, components)
 
 
