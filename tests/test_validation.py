@@ -196,20 +196,20 @@ OTHER_CASES = {
     "generate --output a directory": (["generate", "--model", "m", "--prompts", "p", "--output", "{tmp}"],
                                       ["--output", "{tmp}", "is a directory"]),
     "grpo --reward-weights nan": (["grpo", "--model", "m", "--prompts", "p", "--output", "{tmp}/g", "--reward",
-                                   "regex=1", "--reward-weights", "nan"], ["reward_weights must be finite", "nan"]),
+                                   "regex=1", "--reward-weights", "nan"], ["--reward-weights", "reward_weights must be finite", "nan"]),
     "grpo --reward-weights inf": (["grpo", "--model", "m", "--prompts", "p", "--output", "{tmp}/g", "--reward",
                                    "regex=1", "--reward-weights", "inf"], ["reward_weights", "inf"]),
-    "grpo --group-size 1": (["grpo", "--group-size", "1"], ["group_size must be >= 2", "1"]),
+    "grpo --group-size 1": (["grpo", "--group-size", "1"], ["--group-size", "group_size must be >= 2", "1"]),
     "grpo --max-grad-norm nan": (["grpo", "--max-grad-norm", "nan"], ["max_grad_norm", "nan"]),
     "grpo --top-p 0": (["grpo", "--top-p", "0"], ["top_p must be in (0, 1]", "0"]),
     "grpo --adam-beta2 1": (["grpo", "--adam-beta2", "1"], ["adam_beta2 must be in [0, 1)", "1"]),
     "grpo --seed -1": (["grpo", "--seed", "-1"], ["seed must be in [0, 2**32)", "-1"]),
-    "iterate --temperature 0": (["iterate", "--temperature", "0"], ["temperature must be > 0", "0"]),
+    "iterate --temperature 0": (["iterate", "--temperature", "0"], ["--temperature", "temperature must be > 0", "0"]),
     "iterate --epochs inf": (["iterate", "--epochs", "inf"], ["epochs must be > 0", "inf"]),
     "iterate --reward-weights nan": (["iterate", "--reward", "regex=1", "--reward-weights", "nan"],
                                      ["reward_weights", "nan"]),
-    "iterate --set weight_decay=nan": (["iterate", "--set", "weight_decay=nan"], ["weight_decay", "nan"]),
-    "compare --grpo-lr nan": (["compare", "--grpo-lr", "nan"], ["grpo_lr must be in (0, 1)", "nan"]),
+    "iterate --set weight_decay=nan": (["iterate", "--set", "weight_decay=nan"], ["iterate", "weight_decay must be >= 0", "nan"]),
+    "compare --grpo-lr nan": (["compare", "--grpo-lr", "nan"], ["--grpo-lr", "grpo_lr must be in (0, 1)", "nan"]),
     "compare --temperature -1": (["compare", "--temperature", "-1"], ["temperature must be > 0", "-1"]),
     "compare --output a file": (["compare", "--output", "{tmp}/f.txt"], ["--output", "f.txt", "not a directory"]),
     "audit --max-length 0": (["audit", "d.jsonl", "--max-length", "0"], ["--max-length", "must be >= 1", "0"]),
@@ -222,6 +222,7 @@ OTHER_CASES = {
     "experiment --output under a file": (["experiment", "beta-sweep", "--output", "{tmp}/f.txt/x"],
                                          ["--output", "f.txt", "is a file"]),
     "experiment --cache a file": (["experiment", "beta-sweep", "--cache", "{tmp}/f.txt"], ["--cache", "f.txt"]),
+    "train --output under a file": ([*TRAIN, "--output", "{tmp}/f.txt/run"], ["--output", "f.txt", "is a file"]),
     "train --cache-dir a file": ([*TRAIN, "--output", "{tmp}/o", "--cache-dir", "{tmp}/f.txt"],
                                  ["--cache-dir", "f.txt", "not a directory"]),
 }
@@ -243,7 +244,9 @@ def test_grpo_yaml_is_strict_and_typed(tmp_path, capsys):
     mapping = yaml_file(tmp_path, "output: {a: 1}\n", "map.yaml")
     one_line(*run(["grpo", "--config", mapping], capsys), [mapping, "output must be a string", "a mapping"])
     weights = yaml_file(tmp_path, "reward: regex=1\nreward_weights: [.inf]\n", "w.yaml")
-    one_line(*run(["grpo", "--config", weights], capsys), ["reward_weights must be finite", "inf"])
+    one_line(*run(["grpo", "--config", weights], capsys), [weights, "reward_weights must be finite", "inf"])
+    nan = yaml_file(tmp_path, "temperature: .nan\n", "nan.yaml")  # refused even where a flag overrides it
+    one_line(*run(["grpo", "--config", nan, "--temperature", "1"], capsys), [nan, "temperature must be > 0", "nan"])
     words = yaml_file(tmp_path, "reward: [a]\nreward_weights: [heavy]\n", "words.yaml")
     one_line(*run(["grpo", "--config", words], capsys), ["reward_weights must be numbers", "'heavy'"])
 

@@ -162,11 +162,12 @@ def build(values: dict, where: str = "config", sources: dict | None = None) -> T
             raise _unknown(key, where)
         kwargs[name] = _coerce(name, value, sources.get(name, where))
     cfg = TrainConfig(**kwargs)
-    validate(cfg, sources=sources)
+    validate(cfg, sources=sources, where=where)
     return cfg
 
 
-def validate(cfg: TrainConfig, sources: dict | None = None) -> None:
+def validate(cfg: TrainConfig, sources: dict | None = None, where: str = "config") -> None:
+    """Raise a UserError for the first bad value; `sources` (field -> "--flag" or file) names its origin."""
     sources = sources or {}
 
     def bad(msg):
@@ -175,7 +176,7 @@ def validate(cfg: TrainConfig, sources: dict | None = None) -> None:
     for name, spec in RANGES.items():
         msg = validation.problem(name, getattr(cfg, name), spec)
         if msg:
-            raise UserError(f"{sources.get(name, 'config')}: {msg}")
+            raise UserError(f"{sources.get(name, where)}: {msg}")
 
     for name, f in FIELDS.items():
         choices = f.metadata.get("choices")
@@ -214,7 +215,8 @@ def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig
             if key.replace("-", "_") not in FIELDS:
                 raise _unknown(key, config_path)
         # Typed here, not only after the merge: a bad value in the file is refused even where a flag overrides it.
-        values.update({k.replace("-", "_"): _coerce(k.replace("-", "_"), v, config_path) for k, v in file_values.items()})
+        values.update({k.replace("-", "_"): _coerce(k.replace("-", "_"), v, config_path)
+                       for k, v in file_values.items()})
         sources.update({k.replace("-", "_"): config_path for k in file_values})
     for name in FIELDS:
         v = getattr(args, name, None)
@@ -237,4 +239,5 @@ def check_before_start(cfg: TrainConfig, cuda: bool | None = None) -> None:
     if cfg.attention == "flex_attention" and not cuda:
         raise UserError("--attention flex_attention: training needs a CUDA GPU (torch has no flex_attention "
                         "backward on CPU); use --attention sdpa")
+    validation.check_output_dir(cfg.output, "--output")
     validation.check_output_dir(cfg.cache_dir, "--cache-dir")

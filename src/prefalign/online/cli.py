@@ -72,13 +72,30 @@ def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise UserError(f"{config_path}: unknown key '{key}'{hint}")
             value = validation.coerce(name, value, types[name], config_path, ranges.get(name))
+            _refuse_outside(name, value, ranges, config_path)
             values[name] = validation.expand(value) if name in paths else value
-    values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+    flags = _given_flags(cls, args)
+    values.update(flags)
     values.update(extra or {})
     try:
         return cls(**values)
     except TypeError as e:  # a YAML value of the wrong type
         raise UserError(f"{config_path or 'flags'}: {e}") from None
+
+
+def _refuse_outside(name: str, value, ranges: dict, where: str) -> None:
+    msg = validation.problem(name, value, ranges.get(name))
+    if msg:
+        raise UserError(f"{where}: {msg}")
+
+
+def _given_flags(cls, args) -> dict:
+    """The fields of `cls` set by a flag, each checked against cls.RANGES (the refusal names the flag)."""
+    ranges = getattr(cls, "RANGES", {})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    for name, value in given.items():
+        _refuse_outside(name, value, ranges, "--" + name.replace("_", "-"))
+    return given
 
 
 def _parse_sets(pairs: list[str] | None) -> dict:
@@ -165,9 +182,8 @@ def cmd_compare(args):
 
     if args.methods and len(args.methods) == 1 and "," in args.methods[0]:
         args.methods = args.methods[0].split(",")
-    s = (CompareSettings.quick_settings if args.quick else CompareSettings)(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(CompareSettings)
-           if getattr(args, f.name, None) is not None and f.name != "quick"})
+    given = {k: v for k, v in _given_flags(CompareSettings, args).items() if k != "quick"}
+    s = (CompareSettings.quick_settings if args.quick else CompareSettings)(**given)
     check_output_dir(s.output, "--output")
     compare(s)
 
