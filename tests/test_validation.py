@@ -284,3 +284,21 @@ def test_every_numeric_train_field_has_a_range():
     assert numeric <= set(config.RANGES), numeric - set(config.RANGES)
     for name, spec in config.RANGES.items():  # every default sits inside its own range
         assert validation.problem(name, config.FIELDS[name].default, spec) is None, name
+
+
+def test_written_config_reads_back_strictly(tmp_path):
+    """OUTPUT/config.yaml (what a resume reads) survives the strict loader, even with a shared object."""
+    cfg = config.build({"output": "~/o", "lr": 1e-4, "seed": 2**32 - 1, "max_grad_norm": 0})
+    shared = [1, 2]
+    text = yamlio.dumps({**config.to_dict(cfg), "extra_a": shared, "extra_b": shared})
+    assert "&" not in text and "*" not in text
+    back = yamlio.loads(text, "config.yaml")
+    back.pop("extra_a"), back.pop("extra_b")
+    assert config.build(back) == cfg
+
+
+def test_boundaries_are_accepted():
+    cfg = config.build({"max_grad_norm": 0, "weight_decay": 0, "adam_beta1": 0, "adam_beta2": 0.999999,
+                        "seed": 2**32 - 1, "rpo_alpha": 0, "epochs": 0.5, "label_smoothing": 0.49})
+    assert (cfg.max_grad_norm, cfg.seed, cfg.epochs) == (0.0, 2**32 - 1, 0.5)
+    assert config.build({"seed": "1e3"}).seed == 1000  # a whole number written as a float

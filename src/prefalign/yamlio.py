@@ -84,3 +84,13 @@ def load_mapping(path: str, what: str = "config file") -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return data
+
+
+class _PlainDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):  # never write the anchors this module's loader refuses
+        return True
+
+
+def dumps(data: dict) -> str:
+    """YAML text that load_mapping reads back: no anchors even where two values are the same object."""
+    return yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
