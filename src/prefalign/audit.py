@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from prefalign import audit_checks as ac
 from prefalign.data.formats import load_examples, place
 from prefalign.errors import UserError
+from prefalign.validation import add_ranged, check_output_file, path_arg
 
 
 @dataclass
@@ -39,6 +40,16 @@ class Thresholds:
     max_identical: float = 0.0       # ... have chosen == rejected (exactly or after normalization)
     max_contradictions: float = 0.0  # ... take part in a contradiction
     max_truncated: float = 0.0       # ... are truncated (or dropped) at --max-length
+
+
+# The documented range of each threshold (validation.Range specs, shown in the flags' help; each
+# also refuses nan and inf, which would silence or always raise its warning).
+THRESHOLD_RANGES = {
+    "length_share": "[0.5, 1]", "alpha": "(0, 1)", "length_corr": "[0, 1]", "min_pairs": ">= 0",
+    "near_dup": "(0, 1]", "style_ratio": ">= 1", "style_min_count": ">= 0", "easy_k": "finite",
+    "max_easy_share": "[0, 1]", "max_ref_correct": "[0, 1]", "max_skipped": "[0, 1]", "max_duplicates": "[0, 1]",
+    "max_identical": "[0, 1]", "max_contradictions": "[0, 1]", "max_truncated": "[0, 1]",
+}
 
 
 def _read_rejects(path: str, max_listed: int) -> tuple[list[dict], Counter, int]:
@@ -341,6 +352,7 @@ def print_summary(report: dict, console=None) -> None:
 def cmd_audit(args) -> None:
     from prefalign.models import load_model, load_tokenizer
 
+    check_output_file(args.json, "--json")
     th = Thresholds(**{f.name: getattr(args, f.name) for f in fields(Thresholds)})
     tok_path = args.tokenizer or args.model
     tokenizer = load_tokenizer(tok_path) if tok_path else None
@@ -350,6 +362,7 @@ def cmd_audit(args) -> None:
                        batch_size=args.batch_size, thresholds=th, max_listed=args.max_listed,
                        near_dup_max_rows=args.near_dup_max_rows)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)
     print_summary(report)
@@ -359,18 +372,18 @@ def register(sub) -> None:
     p = sub.add_parser("audit", help="audit preference data: field problems, length bias, duplicates, "
                                      "contradictions, truncation, style, reference margins",
                        description=__doc__.split("\n\n")[1])
-    p.add_argument("data", help="a data file, saved dataset directory or hub name")
-    p.add_argument("--model", default="", help="reference model: margins, too-easy pairs (also its tokenizer)")
-    p.add_argument("--tokenizer", default="", help="tokenizer for the truncation check (default: --model's)")
-    p.add_argument("--max-length", type=int, default=1024, help="max tokens of prompt + completion")
-    p.add_argument("--max-prompt-length", type=int, default=0, help="max prompt tokens (0 = half of max-length)")
+    p.add_argument("data", type=path_arg, help="a data file, saved dataset directory or hub name")
+    p.add_argument("--model", type=path_arg, default="", help="reference model: margins, too-easy pairs (also its tokenizer)")
+    p.add_argument("--tokenizer", type=path_arg, default="", help="tokenizer for the truncation check (default: --model's)")
+    add_ranged(p, "--max-length", int, ">= 1", "max tokens of prompt + completion", default=1024)
+    add_ranged(p, "--max-prompt-length", int, ">= 0", "max prompt tokens (0 = half of max-length)", default=0)
     p.add_argument("--kind", default="auto", choices=("auto", "paired", "unpaired", "prompt"))
     p.add_argument("--split", default="train")
-    p.add_argument("--json", default="", help="also write the full report to this JSON file")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass with --model")
-    p.add_argument("--max-listed", type=int, default=1000, help="rows listed per finding in the JSON")
-    p.add_argument("--near-dup-max-rows", type=int, default=200_000, help="rows scanned for near duplicates")
+    p.add_argument("--json", type=path_arg, default="", help="also write the full report to this JSON file")
+    add_ranged(p, "--batch-size", int, ">= 1", "pairs per forward pass with --model", default=8)
+    add_ranged(p, "--max-listed", int, ">= 0", "rows listed per finding in the JSON", default=1000)
+    add_ranged(p, "--near-dup-max-rows", int, ">= 0", "rows scanned for near duplicates", default=200_000)
     for f in fields(Thresholds):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"warning threshold (default {f.default}; see docs/audit.md)")
+        add_ranged(p, "--" + f.name.replace("_", "-"), type(f.default), THRESHOLD_RANGES[f.name],
+                   f"warning threshold (default {f.default}; see docs/audit.md)", default=f.default)
     p.set_defaults(func=cmd_audit)

@@ -9,16 +9,24 @@ import subprocess
 import sys
 
 from prefalign.errors import UserError, os_error_from, os_error_line, os_errors_name
+from prefalign.validation import add_ranged, check_output_dir, check_output_file, path_arg
 
 TRAIN_HELP = """Train a model with a preference loss (DPO and relatives, KTO) or SFT.
 Every flag is also a YAML key for --config (max_steps <-> --max-steps); flags win over the file."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserError: one `prefalign: error:` line and exit 2, like every other refusal."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog.removeprefix('prefalign ')}: {message} (see `{self.prog} --help`)")
 
 
 def _train_parser(sub, name: str, help: str):
     from prefalign import config
 
     p = sub.add_parser(name, help=help, description=TRAIN_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="YAML file of config keys")
+    p.add_argument("--config", type=path_arg, help="YAML file of config keys")
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="data-parallel processes on this machine (re-runs this command through "
                         "`accelerate launch`; pairs/step = batch x accum x N)")
@@ -79,6 +87,7 @@ def cmd_train(args, base=None):
     if args.num_processes < 1:
         raise UserError(f"--num-processes must be >= 1; got {args.num_processes}")
     cfg = config.from_args(args, base)  # validate here, before starting N processes
+    config.check_before_start(cfg)
     if args.num_processes > 1 and not _launched():
         return relaunch(args.argv, args.num_processes)
     try:
@@ -118,41 +127,43 @@ def cmd_losses(args):
 def cmd_eval(args):
     from prefalign.evaluate import run_eval
 
+    check_output_file(args.json, "--json")
     run_eval(args)
 
 
 def cmd_demo(args):
     from prefalign.demo.run import run_demo
 
+    check_output_dir(args.output, "--output")
     run_demo(output=args.output, quick=args.quick, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefalign", description="Align language models with preference data.")
+    parser = _Parser(prog="prefalign", description="Align language models with preference data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _train_parser(sub, "train", "train with a preference loss (dpo, ipo, kto, orpo, simpo, ...)").set_defaults(func=cmd_train)
     _train_parser(sub, "sft", "supervised fine-tuning on completions (the starting point for DPO)").set_defaults(func=cmd_sft)
 
     p = sub.add_parser("eval", help="held-out preference accuracy, margins, KL to the reference, lengths")
-    p.add_argument("--model", required=True)
-    p.add_argument("--ref-model", default="", help="reference model (default: none; KL and rewards need it)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--samples", type=int, default=32, help="prompts to sample for the KL estimate (0 = skip)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    p.add_argument("--model", type=path_arg, required=True)
+    p.add_argument("--ref-model", type=path_arg, default="", help="reference model (default: none; KL and rewards need it)")
+    p.add_argument("--data", type=path_arg, required=True)
+    add_ranged(p, "--beta", float, "> 0", default=0.1)
+    add_ranged(p, "--batch-size", int, ">= 1", default=8)
+    add_ranged(p, "--max-length", int, ">= 1", default=1024)
+    add_ranged(p, "--samples", int, ">= 0", "prompts to sample for the KL estimate (0 = skip)", default=32)
+    add_ranged(p, "--max-new-tokens", int, ">= 1", default=64)
+    p.add_argument("--json", type=path_arg, default="", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("losses", help="list the losses")
     p.set_defaults(func=cmd_losses)
 
     p = sub.add_parser("demo", help="the whole story on a built-in task, on a CPU, in minutes")
-    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--output", type=path_arg, default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a reduced run (seconds; used by the tests)")
-    p.add_argument("--seed", type=int, default=0)
+    add_ranged(p, "--seed", int, "[0, 2**31)", "the demo derives seeds + k from it", default=0)
     p.set_defaults(func=cmd_demo)
 
     for extra in _extra_commands():
@@ -177,9 +188,9 @@ def _extra_commands():
 def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv  # for --num-processes, which runs the same command again on N processes
     try:
+        args = parser.parse_args(argv)
+        args.argv = argv  # for --num-processes, which runs the same command again on N processes
         rc = args.func(args)
         return rc if isinstance(rc, int) else 0
     except UserError as e:

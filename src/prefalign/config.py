@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
+from prefalign import validation, yamlio
 from prefalign.errors import UserError
 
 
@@ -101,35 +99,43 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# The documented range of every numeric field (validation.Range specs; shown in each flag's help).
+# Every range also refuses nan and inf. A field without an entry takes any finite value.
+RANGES = {
+    "beta": "> 0", "label_smoothing": "[0, 0.5)", "gamma": "finite", "rpo_alpha": ">= 0",
+    "desirable_weight": "> 0", "undesirable_weight": "> 0",
+    "max_steps": ">= 0", "epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "(0, 1)",
+    "warmup_steps": ">= 0", "max_grad_norm": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
+    "adam_beta2": "[0, 1)", "seed": "[0, 2**32)",
+    "max_length": ">= 1", "max_prompt_length": ">= 0", "token_budget": ">= 0",
+    "lora_r": ">= 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
+    "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0", "keep_checkpoints": ">= 1",
+    "both_drop_threshold": "finite", "max_nonfinite": ">= 1", "chunk_size": ">= 0",
+}
+# Fields holding a local path (or a hub id, which never starts with `~`): `~` is expanded.
+PATHS = ("model", "ref_model", "tokenizer", "data", "eval_data", "output", "cache_dir", "resume")
+
 
 def _type_of(f: dataclasses.Field) -> type:
     hints = typing.get_type_hints(TrainConfig)
     return hints[f.name]
 
 
+def _optional(typ) -> tuple[type, bool]:
+    """(X, True) for `X | None`, (typ, False) otherwise."""
+    args = typing.get_args(typ)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None)), True
+    return typ, False
+
+
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Convert a YAML or flag value to the field's type, or raise a UserError naming it."""
-    typ = _type_of(FIELDS[name])
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: {name} must be {typ.__name__}, got {value!r}") from None
+    typ, optional = _optional(_type_of(FIELDS[name]))
+    if optional and value is None:
+        return None
+    value = validation.coerce(name, value, typ, where, RANGES.get(name))
+    return validation.expand(value) if name in PATHS else value
 
 
 def _unknown(key: str, where: str) -> UserError:
@@ -139,58 +145,43 @@ def _unknown(key: str, where: str) -> UserError:
 
 
 def load_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"config file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
+    return yamlio.load_mapping(path)
 
 
-def build(values: dict, where: str = "config") -> TrainConfig:
-    """A validated TrainConfig from a dict of (possibly string) values."""
+def build(values: dict, where: str = "config", sources: dict | None = None) -> TrainConfig:
+    """A validated TrainConfig from a dict of (possibly string) values.
+
+    `sources` (field -> "--flag" or file) names where each value came from in a refusal."""
+    sources = sources or {}
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise UserError(f"{where}: config key {key!r} is not a string")
         name = key.replace("-", "_")
         if name not in FIELDS:
             raise _unknown(key, where)
-        kwargs[name] = _coerce(name, value, where)
+        kwargs[name] = _coerce(name, value, sources.get(name, where))
     cfg = TrainConfig(**kwargs)
-    validate(cfg)
+    validate(cfg, sources=sources, where=where)
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, sources: dict | None = None, where: str = "config") -> None:
+    """Raise a UserError for the first bad value; `sources` (field -> "--flag" or file) names its origin."""
+    sources = sources or {}
+
     def bad(msg):
         raise UserError(f"config: {msg}")
+
+    for name, spec in RANGES.items():
+        msg = validation.problem(name, getattr(cfg, name), spec)
+        if msg:
+            raise UserError(f"{sources.get(name, where)}: {msg}")
 
     for name, f in FIELDS.items():
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, name) not in choices:
             bad(f"{name} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}")
-    if not cfg.beta > 0:
-        bad(f"beta must be > 0; got {cfg.beta}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        bad(f"label_smoothing must be in [0, 0.5); got {cfg.label_smoothing}")
-    if not 0 < cfg.lr < 1:
-        bad(f"lr must be in (0, 1); got {cfg.lr}")
-    for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints", "max_nonfinite"):
-        if getattr(cfg, name) < 1:
-            bad(f"{name} must be >= 1; got {getattr(cfg, name)}")
-    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "lora_r", "max_prompt_length",
-                 "token_budget", "chunk_size"):
-        if getattr(cfg, name) < 0:
-            bad(f"{name} must be >= 0; got {getattr(cfg, name)}")
-    if cfg.max_steps == 0 and not cfg.epochs > 0:
-        bad(f"epochs must be > 0 when max_steps is 0; got {cfg.epochs}")
-    if not 0 <= cfg.lora_dropout < 1:
-        bad(f"lora_dropout must be in [0, 1); got {cfg.lora_dropout}")
-    if cfg.max_grad_norm < 0 or cfg.weight_decay < 0 or cfg.rpo_alpha < 0:
-        bad("max_grad_norm, weight_decay and rpo_alpha must be >= 0")
     if cfg.reference == "adapters-off" and cfg.lora_r == 0:
         bad("reference adapters-off needs LoRA (set lora_r > 0)")
     if cfg.qlora and cfg.lora_r == 0:
@@ -204,7 +195,7 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
             continue
         typ = _type_of(f)
         default = f.default
-        help_text = f"{f.metadata['help']} (default: {default!r})"
+        help_text = f"{f.metadata['help']} (default: {default!r}{validation.help_suffix(RANGES.get(name))})"
         flag = "--" + name.replace("_", "-")
         if typ is bool:
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
@@ -216,19 +207,37 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
 def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:
     """Merge: dataclass defaults < base (the command's defaults) < YAML (--config) < explicit flags."""
     values: dict = dict(base or {})
-    config_path = getattr(args, "config", None)
+    sources: dict = {}
+    config_path = validation.expand(getattr(args, "config", None))
     if config_path:
         file_values = load_yaml(config_path)
         for key in file_values:
             if key.replace("-", "_") not in FIELDS:
                 raise _unknown(key, config_path)
-        values.update({k.replace("-", "_"): v for k, v in file_values.items()})
+        # Typed here, not only after the merge: a bad value in the file is refused even where a flag overrides it.
+        values.update({k.replace("-", "_"): _coerce(k.replace("-", "_"), v, config_path)
+                       for k, v in file_values.items()})
+        sources.update({k.replace("-", "_"): config_path for k in file_values})
     for name in FIELDS:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
-    return build(values, where=config_path or "flags")
+            sources[name] = "--" + name.replace("_", "-")
+    return build(values, where=config_path or "flags", sources=sources)
 
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def check_before_start(cfg: TrainConfig, cuda: bool | None = None) -> None:
+    """What the values alone cannot tell, checked before any model or data loads: the machine and the paths."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cfg.attention == "flex_attention" and not cuda:
+        raise UserError("--attention flex_attention: training needs a CUDA GPU (torch has no flex_attention "
+                        "backward on CPU); use --attention sdpa")
+    validation.check_output_dir(cfg.output, "--output")
+    validation.check_output_dir(cfg.cache_dir, "--cache-dir")

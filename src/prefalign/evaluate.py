@@ -7,6 +7,8 @@ average the summed log-ratio; the pairs' log-ratio (logged during training) is n
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from prefalign import objective, prepare
@@ -83,6 +85,7 @@ def run_eval(args) -> dict:
         results.update(sampled_kl(s.policy, s.reference, s.tokenizer, prompts, max_new_tokens=args.max_new_tokens))
     report.print_table([{"metric": k, "value": v} for k, v in results.items()], title=f"eval {args.model}")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
     return results

@@ -8,7 +8,6 @@ on-policy pairs are cached in a folder shared by all experiments (default: OUTPU
 from __future__ import annotations
 
 import importlib
-import os
 
 EXPERIMENTS = {
     "beta-sweep": ("prefalign.experiments.beta_sweep",
@@ -44,6 +43,7 @@ def run_experiment(name: str, output: str = "", quick: bool = False, seed: int =
 
 def cmd_experiment(args):
     from prefalign.errors import UserError
+    from prefalign.validation import check_output_dir
 
     if args.name == "list":
         for name, (_, help_text) in EXPERIMENTS.items():
@@ -57,8 +57,8 @@ def cmd_experiment(args):
         raise UserError(f"unknown experiment '{args.name}'{hint}; known: {', '.join(EXPERIMENTS)}")
     argv = getattr(args, "argv", None)
     command = "prefalign " + " ".join(argv) if argv else f"prefalign experiment {args.name}"
-    if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UserError(f"--output {args.output}: exists and is not a folder")
+    check_output_dir(args.output, "--output")
+    check_output_dir(args.cache, "--cache")
     run_experiment(args.name, args.output, args.quick, args.seed, args.cache, args.threads, command)
     return 0
 
@@ -71,11 +71,13 @@ def register(sub) -> None:
                        description="Run one of the chapter's experiments on the demo task:\n" + lines,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="experiment name (or 'list')")
-    p.add_argument("--output", default="", help="report folder (default runs/experiments/NAME)")
+    from prefalign.validation import add_ranged, path_arg
+
+    p.add_argument("--output", type=path_arg, default="", help="report folder (default runs/experiments/NAME)")
     p.add_argument("--quick", action="store_true", help="a reduced smoke run (seconds; the story may not hold)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default="", help="folder for the shared SFT start and pairs (default OUTPUT/../_start)")
-    p.add_argument("--threads", type=int, default=1,
+    add_ranged(p, "--seed", int, "[0, 2**31)", "the experiments derive seeds + k from it", default=0)
+    p.add_argument("--cache", type=path_arg, default="", help="folder for the shared SFT start and pairs (default OUTPUT/../_start)")
+    add_ranged(p, "--threads", int, ">= 0", default=1,
                    help="torch CPU threads (0 = torch's default). 1 by default: the demo model is tiny, and on a "
                         "shared CPU more threads spin-wait (10x slower measured with 2 threads on a loaded 2-core box)")
     p.set_defaults(func=cmd_experiment)

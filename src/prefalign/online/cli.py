@@ -13,8 +13,11 @@ import dataclasses
 import difflib
 import json
 import os
+import typing
 
+from prefalign import validation
 from prefalign.errors import UserError
+from prefalign.validation import add_ranged, check_output_dir, check_output_file, path_arg
 
 
 def _default(f: dataclasses.Field):
@@ -25,14 +28,16 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
     """One flag per field of `cls`; defaults stay None so we know which flags were given.
 
     A field's help is its metadata["help"] (if any) and its default; defaults_help(name) may
-    describe the default instead (compare: "the demo's DemoSettings value, ...")."""
+    describe the default instead (compare: "the demo's DemoSettings value, ..."). The range of a
+    field in `cls.RANGES` is shown in its help; a field in `cls.PATHS` gets `~` expanded."""
+    ranges, paths = getattr(cls, "RANGES", {}), getattr(cls, "PATHS", ())
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         default = _default(f)
         flag = "--" + f.name.replace("_", "-")
         shown = defaults_help(f.name) if defaults_help else None
-        shown = shown if shown is not None else f"default: {default!r}"
+        shown = (shown if shown is not None else f"default: {default!r}") + validation.help_suffix(ranges.get(f.name))
         help_ = f"{f.metadata['help']} ({shown})" if f.metadata.get("help") else f"({shown})"
         kw = dict(dest=f.name, default=None, help=help_.replace("%", "%%"))
         if default is None:  # the value comes from elsewhere (compare: DemoSettings): the type is in the metadata
@@ -44,6 +49,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             parser.add_argument(flag, nargs="+", type=elem, metavar=f.name.upper(), **kw)
         elif isinstance(default, dict):
             continue
+        elif f.name in paths:
+            parser.add_argument(flag, type=path_arg, metavar=f.name.upper(), **kw)
         else:
             parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kw)
 
@@ -51,23 +58,44 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
 def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
     """An instance of `cls` from (dataclass defaults < YAML file < flags < extra)."""
     names = {f.name for f in dataclasses.fields(cls)}
+    types = typing.get_type_hints(cls)
+    ranges, paths = getattr(cls, "RANGES", {}), getattr(cls, "PATHS", ())
     values = {}
     if config_path:
-        from prefalign.config import load_yaml
+        from prefalign.yamlio import load_mapping
 
-        for key, value in load_yaml(config_path).items():
+        config_path = validation.expand(config_path)
+        for key, value in load_mapping(config_path).items():
             name = key.replace("-", "_")
             if name not in names:
                 close = difflib.get_close_matches(name, names, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise UserError(f"{config_path}: unknown key '{key}'{hint}")
-            values[name] = value
-    values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+            value = validation.coerce(name, value, types[name], config_path, ranges.get(name))
+            _refuse_outside(name, value, ranges, config_path)
+            values[name] = validation.expand(value) if name in paths else value
+    flags = _given_flags(cls, args)
+    values.update(flags)
     values.update(extra or {})
     try:
         return cls(**values)
     except TypeError as e:  # a YAML value of the wrong type
         raise UserError(f"{config_path or 'flags'}: {e}") from None
+
+
+def _refuse_outside(name: str, value, ranges: dict, where: str) -> None:
+    msg = validation.problem(name, value, ranges.get(name))
+    if msg:
+        raise UserError(f"{where}: {msg}")
+
+
+def _given_flags(cls, args) -> dict:
+    """The fields of `cls` set by a flag, each checked against cls.RANGES (the refusal names the flag)."""
+    ranges = getattr(cls, "RANGES", {})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    for name, value in given.items():
+        _refuse_outside(name, value, ranges, "--" + name.replace("_", "-"))
+    return given
 
 
 def _parse_sets(pairs: list[str] | None) -> dict:
@@ -91,6 +119,7 @@ def cmd_generate(args):
     from prefalign.online.generate import SamplingConfig, generate
     from prefalign.online.grpo import load_prompts, make_reward
 
+    check_output_file(args.output, "--output")
     tok = models.load_tokenizer(args.tokenizer or args.model)
     model = models.load_model(args.model)
     pset = load_prompts(args.prompts, tok, args.max_prompt_length)
@@ -155,9 +184,9 @@ def cmd_compare(args):
 
     if args.methods and len(args.methods) == 1 and "," in args.methods[0]:
         args.methods = args.methods[0].split(",")
-    s = (CompareSettings.quick_settings if args.quick else CompareSettings)(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(CompareSettings)
-           if getattr(args, f.name, None) is not None and f.name != "quick"})
+    given = {k: v for k, v in _given_flags(CompareSettings, args).items() if k != "quick"}
+    s = (CompareSettings.quick_settings if args.quick else CompareSettings)(**given)
+    check_output_dir(s.output, "--output")
     compare(s)
 
 
@@ -169,31 +198,31 @@ def register(sub) -> None:
 
     p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored",
                        formatter_class=fmt)
-    p.add_argument("--model", required=True)
-    p.add_argument("--tokenizer", default="")
-    p.add_argument("--prompts", required=True, help="a file with a `prompt` column (jsonl/json/parquet/csv)")
-    p.add_argument("--output", required=True, help="JSONL: prompt, completion, sample, finish_reason, num_tokens")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-prompt-length", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--model", type=path_arg, required=True)
+    p.add_argument("--tokenizer", type=path_arg, default="")
+    p.add_argument("--prompts", type=path_arg, required=True, help="a file with a `prompt` column (jsonl/json/parquet/csv)")
+    p.add_argument("--output", type=path_arg, required=True, help="JSONL: prompt, completion, sample, finish_reason, num_tokens")
+    add_ranged(p, "--n", int, ">= 1", "samples per prompt", default=1)
+    add_ranged(p, "--max-new-tokens", int, ">= 1", default=128)
+    add_ranged(p, "--max-prompt-length", int, ">= 1", default=512)
+    add_ranged(p, "--temperature", float, ">= 0", "0 = greedy", default=1.0)
+    add_ranged(p, "--top-p", float, "(0, 1]", default=1.0)
+    add_ranged(p, "--top-k", int, ">= 0", "0 = off", default=0)
     p.add_argument("--stop", nargs="+", help="stop strings")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    add_ranged(p, "--seed", int, "[0, 2**32)", default=0)
+    add_ranged(p, "--batch-size", int, ">= 1", default=64)
     p.add_argument("--reward", nargs="+", help="also score each completion (reward specs)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("grpo", help="GRPO: group sampling, verifier/reward-model rewards, clipped surrogate + KL",
                        description="Every flag is also a key of --config (YAML); flags win.")
-    p.add_argument("--config", default="", help="YAML file of GRPOConfig keys")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of GRPOConfig keys")
     add_dataclass_flags(p, GRPOConfig)
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("iterate", help="iterative DPO: generate -> score -> best-vs-worst pairs -> DPO, in rounds",
                        description="Every flag is also a key of --config (YAML); flags win.")
-    p.add_argument("--config", default="", help="YAML file of IterativeConfig keys")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of IterativeConfig keys")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a `prefalign train` config key for each round's DPO (repeatable), e.g. --set warmup_steps=10")
     add_dataclass_flags(p, IterativeConfig)

@@ -49,6 +49,7 @@ from prefalign.metrics import peak_memory_mb
 from prefalign.online.generate import SamplingConfig, generate
 from prefalign.online.grpo import GRPOConfig, PromptSet, grpo, load_prompts, make_reward
 from prefalign.online.iterative import IterativeConfig, iterate
+from prefalign.validation import check_table
 
 METHODS = ("sft", "dpo", "iterative", "grpo")
 LABELS = {"sft": "SFT (start)", "dpo": "offline DPO", "iterative": "iterative DPO", "grpo": "GRPO"}
@@ -131,7 +132,18 @@ class CompareSettings:
     isolate: bool = _f(True, "one fresh process per (method, seed): honest peak memory")
     quick: bool = _f(False, "a reduced run (seconds; the story need not hold): for tests")
 
+    # The documented range of every numeric setting (validation.Range specs, shown in the flags' help;
+    # each also refuses nan and inf). None (the task's default) is not checked here.
+    RANGES = {
+        "seeds": ">= 1", "heldout": ">= 1", "max_new_tokens": ">= 1", "temperature": "> 0", "sample_prompts": ">= 1",
+        "samples": ">= 2", "pairs_per_prompt": ">= 1", "min_gap": ">= 0", "dpo_steps": ">= 1", "dpo_batch": ">= 1",
+        "dpo_lr": "(0, 1)", "beta": "> 0", "rounds": ">= 1", "grpo_steps": ">= 1", "grpo_prompts": ">= 1",
+        "grpo_lr": "(0, 1)", "grpo_beta": ">= 0", "grpo_mu": ">= 1", "threads": ">= 0",
+    }
+    PATHS = ("output", "model", "prompts", "eval_prompts", "sft_from")
+
     def validate(self):
+        check_table(self, self.RANGES, "compare")
         bad = [m for m in self.methods if m not in METHODS[1:]]
         if bad or not self.methods:
             raise UserError(f"compare: methods must be among {', '.join(METHODS[1:])}; got {', '.join(self.methods) or 'none'}")

@@ -51,6 +51,7 @@ from prefalign.losses.grpo import AGGREGATIONS, SCALES, group_advantages, grpo_l
 from prefalign.metrics import Console, MetricsLog, peak_memory_mb
 from prefalign.online.generate import SamplingConfig, generate
 from prefalign.online.rewards import CombinedReward, combine, load_reward
+from prefalign.validation import check_table
 from prefalign.train import lr_lambda, step_indices
 
 
@@ -102,32 +103,30 @@ class GRPOConfig:
     save_model: bool = True
     overwrite: bool = False
 
+    # The documented range of every numeric field (validation.Range specs, shown in the flags' help;
+    # each also refuses nan and inf). group_size >= 2: advantages compare the samples of a group.
+    RANGES = {
+        "reward_weights": "finite", "steps": ">= 1", "prompts_per_step": ">= 1", "group_size": ">= 2",
+        "max_new_tokens": ">= 1", "max_prompt_length": ">= 1", "temperature": "> 0", "top_p": "(0, 1]",
+        "top_k": ">= 0", "generation_batch_size": ">= 1", "clip_eps": "(0, 1)", "clip_eps_high": ">= 0",
+        "beta": ">= 0", "mu": ">= 1", "micro_batch": ">= 0", "lr": "(0, 1)", "warmup_steps": ">= 0",
+        "weight_decay": ">= 0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "max_grad_norm": ">= 0",
+        "chunk_size": ">= 0", "token_budget": ">= 0", "seed": "[0, 2**32)", "log_every": ">= 1",
+    }
+    PATHS = ("model", "tokenizer", "ref_model", "prompts", "output")
+
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         if isinstance(self.reward, str):
             self.reward = [self.reward]
+        check_table(self, self.RANGES, "grpo config")
         checks = [
-            (self.steps >= 1, f"steps must be >= 1; got {self.steps}"),
-            (self.prompts_per_step >= 1, f"prompts_per_step must be >= 1; got {self.prompts_per_step}"),
-            (self.group_size >= 2, f"group_size must be >= 2 (advantages compare samples of a group); got {self.group_size}"),
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1; got {self.max_new_tokens}"),
-            (self.max_prompt_length >= 1, f"max_prompt_length must be >= 1; got {self.max_prompt_length}"),
-            (self.temperature > 0, f"temperature must be > 0 (GRPO needs diverse samples); got {self.temperature}"),
             (self.scale in SCALES, f"scale must be one of {', '.join(SCALES)}; got {self.scale!r}"),
             (self.aggregation in AGGREGATIONS, f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}"),
-            (0 < self.clip_eps < 1, f"clip_eps must be in (0, 1); got {self.clip_eps}"),
-            (self.clip_eps_high >= 0, f"clip_eps_high must be >= 0 (0 = clip_eps); got {self.clip_eps_high}"),
-            (self.beta >= 0, f"beta must be >= 0; got {self.beta}"),
-            (self.mu >= 1, f"mu must be >= 1; got {self.mu}"),
-            (self.micro_batch >= 0, f"micro_batch must be >= 0; got {self.micro_batch}"),
-            (self.token_budget >= 0, f"token_budget must be >= 0 (0 = the longest group); got {self.token_budget}"),
-            (0 < self.lr < 1, f"lr must be in (0, 1); got {self.lr}"),
             (self.lr_schedule in ("constant", "linear", "cosine"), f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16; got {self.precision!r}"),
-            (self.max_grad_norm >= 0 and self.weight_decay >= 0, "max_grad_norm and weight_decay must be >= 0"),
-            (self.log_every >= 1, f"log_every must be >= 1; got {self.log_every}"),
             (not self.reward_weights or len(self.reward_weights) == len(self.reward),
              f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
         ]

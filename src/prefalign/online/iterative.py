@@ -40,6 +40,7 @@ from prefalign.online.grpo import (
 )
 from prefalign.online.pairs import build_pairs, write_pairs
 from prefalign.train import step_indices
+from prefalign.validation import check_table
 
 REFERENCES = ("fixed", "moving")
 
@@ -82,23 +83,27 @@ class IterativeConfig:
     save_model: bool = True
     overwrite: bool = False
 
+    # The documented range of every numeric field (validation.Range specs, shown in the flags' help;
+    # each also refuses nan and inf). samples >= 2: a pair needs two completions; temperature > 0:
+    # pairs need diverse samples. The DPO keys are checked again by the trainer's config.
+    RANGES = {
+        "reward_weights": "finite", "rounds": ">= 1", "prompts_per_round": ">= 1", "samples": ">= 2",
+        "max_new_tokens": ">= 1", "max_prompt_length": ">= 1", "temperature": "> 0", "top_p": "(0, 1]",
+        "top_k": ">= 0", "generation_batch_size": ">= 1", "min_gap": ">= 0", "pairs_per_prompt": ">= 1",
+        "beta": "> 0", "lr": "(0, 1)", "dpo_steps": ">= 0", "epochs": "> 0", "batch_size": ">= 1",
+        "seed": "[0, 2**31)",  # round r trains with seed + r, which must stay in the trainer's [0, 2**32)
+    }
+    PATHS = ("model", "tokenizer", "prompts", "output")
+
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         if isinstance(self.reward, str):
             self.reward = [self.reward]
+        check_table(self, self.RANGES, "iterate config")
         checks = [
-            (self.rounds >= 1, f"rounds must be >= 1; got {self.rounds}"),
-            (self.prompts_per_round >= 1, f"prompts_per_round must be >= 1; got {self.prompts_per_round}"),
-            (self.samples >= 2, f"samples must be >= 2 (a pair needs two completions); got {self.samples}"),
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1; got {self.max_new_tokens}"),
-            (self.max_prompt_length >= 1, f"max_prompt_length must be >= 1; got {self.max_prompt_length}"),
-            (self.temperature > 0, f"temperature must be > 0 (pairs need diverse samples); got {self.temperature}"),
-            (self.min_gap >= 0, f"min_gap must be >= 0; got {self.min_gap}"),
-            (self.pairs_per_prompt >= 1, f"pairs_per_prompt must be >= 1; got {self.pairs_per_prompt}"),
             (self.reference in REFERENCES, f"reference must be fixed or moving; got {self.reference!r}"),
-            (self.dpo_steps >= 0, f"dpo_steps must be >= 0; got {self.dpo_steps}"),
             (not self.reward_weights or len(self.reward_weights) == len(self.reward),
              f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
         ]
