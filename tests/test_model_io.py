@@ -262,7 +262,7 @@ def test_permission_denied_on_the_data_file(files, tmp_path, capsys, monkeypatch
 
 def test_output_parent_is_a_file(files, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    one_error(train_args(files, tmp_path / "afile" / "run"), capsys, f"{tmp_path / 'afile' / 'run'}: not a directory")
+    one_error(train_args(files, tmp_path / "afile" / "run"), capsys, f"{tmp_path / 'afile'} is a file")
 
 
 def test_read_only_file_system(files, tmp_path, capsys, monkeypatch):
@@ -319,4 +319,4 @@ def test_cache_dir_that_is_a_file_is_refused_before_the_reference_pass(files, tm
     monkeypatch.setattr(reference.ModelReference, "pair_logps", no_pass)
     (tmp_path / "afile").write_text("x")
     one_error(train_args(files, tmp_path / "o", "--reference", "precomputed", "--cache-dir", str(tmp_path / "afile")),
-              capsys, f"--cache-dir {tmp_path / 'afile'} is a file, not a directory")
+              capsys, f"--cache-dir {tmp_path / 'afile'}: exists and is not a directory")
