@@ -88,11 +88,19 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate on --eval-data every N steps (0 = only at the end)")
     save_every: int = _f(0, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
-    resume: str = _f("", "resume: 'auto' (newest valid checkpoint in OUTPUT) or a checkpoint path")
+    resume: str = _f("", "resume: 'auto' (newest valid checkpoint in OUTPUT) or a checkpoint path; the run's "
+                     "settings come from OUTPUT/config.yaml, so --output alone is enough")
+    resume_changes: str = _f("refuse", "a resume whose data, model or trajectory settings differ from the "
+                             "checkpoint's is refused; allow = apply them, recorded in config.yaml's history",
+                             ["refuse", "allow"])
     overwrite: bool = _f(False, "replace an existing run in OUTPUT")
     tensorboard: bool = _f(False, "also log to TensorBoard under OUTPUT/tb")
-    both_drop_threshold: float = _f(0.5, "alarm when the chosen per-token log-prob falls this far (nats) below its start while the margin grows")
-    both_drop_stop: bool = _f(False, "stop the run (with a checkpoint) when the both-drop alarm fires")
+    both_drop_threshold: float = _f(0.5, "both-drop alarm: fires when the monitor set's chosen per-token log-prob "
+                                    "falls this far (nats, and beyond its noise) below step 0's while its margin grows")
+    both_drop_stop: bool = _f(False, "stop the run when the both-drop alarm fires: saves the model and a checkpoint, "
+                              "exits with status 3")
+    monitor_every: int = _f(20, "score the fixed monitor set (both-drop alarm) every N steps (0 = off)")
+    monitor_pairs: int = _f(32, "pairs in the monitor set: a slice of --eval-data, else a seeded sample of --data")
     max_nonfinite: int = _f(5, "stop after this many non-finite steps in a row")
     chunk_size: int = _f(0, "tokens per chunk of the log-prob head (0 = automatic)")
     progress: bool = _f(True, "show a progress bar")
@@ -178,11 +186,12 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"label_smoothing must be in [0, 0.5); got {cfg.label_smoothing}")
     if not 0 < cfg.lr < 1:
         bad(f"lr must be in (0, 1); got {cfg.lr}")
-    for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints", "max_nonfinite"):
+    for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints", "max_nonfinite",
+                 "monitor_pairs"):
         if getattr(cfg, name) < 1:
             bad(f"{name} must be >= 1; got {getattr(cfg, name)}")
     for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "lora_r", "max_prompt_length",
-                 "token_budget", "chunk_size"):
+                 "token_budget", "chunk_size", "monitor_every"):
         if getattr(cfg, name) < 0:
             bad(f"{name} must be >= 0; got {getattr(cfg, name)}")
     if cfg.max_steps == 0 and not cfg.epochs > 0:
@@ -216,6 +225,10 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
 def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:
     """Merge: dataclass defaults < base (the command's defaults) < YAML (--config) < explicit flags."""
     values: dict = dict(base or {})
+    if getattr(args, "resume", None) and getattr(args, "output", None):
+        from prefalign.fingerprint import saved_config
+
+        values.update(saved_config(args.output))  # the run's own settings; the flags below still win
     config_path = getattr(args, "config", None)
     if config_path:
         file_values = load_yaml(config_path)
