@@ -45,12 +45,13 @@ def _sampled(h, path: str) -> None:
     header (tensor names, shapes, offsets) and the first and last tensors differ between any
     two checkpoints worth telling apart, and this costs milliseconds, not minutes."""
     size = os.path.getsize(path)
+    if size <= 2 * _SAMPLE:
+        return _sha(h, path)
     h.update(str(size).encode())
     with open(path, "rb") as fh:
         h.update(fh.read(_SAMPLE))
-        if size > 2 * _SAMPLE:
-            fh.seek(size - _SAMPLE)
-            h.update(fh.read(_SAMPLE))
+        fh.seek(size - _SAMPLE)
+        h.update(fh.read(_SAMPLE))
 
 
 def file_digest(path: str) -> str:
@@ -134,6 +135,19 @@ def check(path: str, saved: dict | None, current: dict, policy: str, say) -> dic
     if changes:
         say(f"resuming with changes (--resume-changes allow): {describe(changes)}")
     return changes
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """After restoring a checkpoint with allowed changes: its optimizer and scheduler state carry
+    the OLD lr, betas and weight decay; the run continues with the new ones (the loss, data and
+    clipping settings are read from the config at each step already)."""
+    for g in optimizer.param_groups:
+        g.update(initial_lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def history(output: str) -> list:

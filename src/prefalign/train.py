@@ -316,6 +316,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             else:
                 checkpoint.apply(s.policy, opt, weights, optim_state)
             trainer_state = checkpoint.restore(sched, sched_state, state)
+            if changes:
+                fingerprint.apply_optimizer_settings(opt, sched, cfg)
             start = trainer_state["step"]
             s.loss_state.update(trainer_state.get("loss_state", {}))
             say(f"resumed from {path} (step {start})")
