@@ -117,16 +117,23 @@ class _Stop:
             signal.signal(s, h)
 
 
+def finite_each(params) -> list[bool]:
+    """Per weight tensor (this process's shard under FSDP): all finite? One fused norm per
+    tensor (a NaN or inf anywhere makes its norm non-finite) and one device sync."""
+    local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in params]
+    if not local:
+        return []
+    return torch.stack([n.float() for n in torch._foreach_norm(local)]).isfinite().tolist()
+
+
 def weights_finite(params, device, world: int) -> bool:
-    """Whether every trainable weight is finite after an update: one fused norm per tensor
-    (a NaN or inf anywhere makes its norm non-finite) and one sync, agreed by all processes."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-    ok = torch.stack([n.float() for n in torch._foreach_norm([t.detach() for t in local])]).isfinite().all()
+    """Whether every given weight is finite after an update, agreed by all processes."""
+    ok = all(finite_each(params))
     if world > 1:
-        flag = ok.to(device=device, dtype=torch.float64).reshape(1)
+        flag = torch.tensor([float(ok)], dtype=torch.float64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
-    return bool(ok)
+    return ok
 
 
 def _all_reduce_grads(params, world: int) -> None:
@@ -334,6 +341,9 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         mon.observe(start, monitor.score(s, cfg, ac, mon.items))
     console = Console(total, cfg.progress and rank0, start, messages=rank0)
 
+    # Weights already non-finite when loaded (a broken model) are not the update's doing: only
+    # the others are watched, so an update that breaks them is caught.
+    watched = [p for p, ok in zip(params, finite_each(params)) if ok]
     per_step = cfg.batch_size * cfg.grad_accum * world
     history, stopped, nonfinite, done = [], "", trainer_state.get("nonfinite_in_row", 0), start
     skipped_steps = trainer_state.get("skipped_steps", 0)
@@ -362,7 +372,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             if finite:
                 opt.step()
                 nonfinite = 0
-                if not weights_finite(params, device, world):
+                if not weights_finite(watched, device, world):
                     stopped = "non-finite weights"
             else:
                 nonfinite += 1
