@@ -172,6 +172,16 @@ def test_fingerprint_fields(run_files, tmp_path):
     # A field one side does not know (another prefalign version) cannot be compared.
     assert fingerprint.differences({**fp, "new_field": 1}, fp) == {}
     assert fp["data/sha256"] == fingerprint.file_digest(run_files["data"]) and len(fp["data/sha256"]) == 64
+    # Files count by content: the same data moved elsewhere is the same run; other content is not.
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(run_files["data"], moved)
+    assert fingerprint.differences(fp, fingerprint.of_run(config.build(
+        dict(model=run_files["model"], data=str(moved), output="a", lr=1e-3)))) == {}
+    other = write_pairs(tmp_path / "other.jsonl", 16, seed=5)
+    diff = fingerprint.differences(fp, fingerprint.of_run(config.build(
+        dict(model=run_files["model"], data=other, output="a", lr=1e-3))))
+    assert list(diff) == ["data", "data/sha256"] and diff["data"] == [run_files["data"], other]
+    assert fingerprint.describe(diff).startswith(f"data: {run_files['data']!r} -> {other!r}; data/sha256: ")
     assert fingerprint.file_digest("org/some-hub-model") == "name:org/some-hub-model"
 
 

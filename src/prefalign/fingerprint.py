@@ -90,7 +90,9 @@ def model_digest(model) -> str:
 def of_run(cfg: TrainConfig, world: int = 1, model=None, ref_model=None, tokenizer=None) -> dict:
     """The fingerprint of the run `cfg` describes, on `world` processes. In-process objects
     (the demo, the experiments, tests) stand in for the paths they replace."""
-    fp = {name: getattr(cfg, name) for name in FIELDS if name not in NOT_TRAJECTORY}
+    # Files are compared by content: a dataset or model moved to another path is the same run.
+    fp = {name: getattr(cfg, name) for name in FIELDS if name not in NOT_TRAJECTORY and name not in _SOURCES}
+    fp["paths"] = {key: getattr(cfg, key) for key in _SOURCES}
     fp["pairs_per_step"] = cfg.batch_size * cfg.grad_accum * world
     given = {"model": model, "ref_model": ref_model, "tokenizer": tokenizer}
     for key in _SOURCES:
@@ -112,9 +114,18 @@ def _short(v) -> str:
 
 
 def differences(old: dict, new: dict) -> dict:
-    """{field: [old, new]} for every field both fingerprints have and that differs. A field
-    only one side knows (a newer or older prefalign) cannot be compared and is left out."""
-    return {k: [old[k], new[k]] for k in new if k in old and old[k] != new[k]}
+    """{field: [old, new]} for every field both fingerprints have and that differs, with the
+    path of each file whose content changed (when the path changed too). A field only one side
+    knows (a newer or older prefalign) cannot be compared and is left out."""
+    out = {}
+    for k in new:
+        if k != "paths" and k in old and old[k] != new[k]:
+            name = k.removesuffix("/sha256")
+            was, now = old.get("paths", {}).get(name), new.get("paths", {}).get(name)
+            if k != name and was is not None and was != now:
+                out[name] = [was, now]
+            out[k] = [old[k], new[k]]
+    return out
 
 
 def describe(changes: dict) -> str:
