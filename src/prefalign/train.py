@@ -400,8 +400,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
                         stopped = "both-drop alarm"
             if s.eval_items and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                 record.update({f"eval/{k}": v for k, v in evaluate.pair_metrics(s, cfg, ac).items()})
-            # A skipped step is always logged, whatever log_every says: its rows are the evidence.
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total or not finite:
+            # A skipped step or an alarm is always logged, whatever log_every says: they are the evidence.
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total or not finite or "alarm/both_drop" in record:
                 log.write(record)
                 history.append(record)
                 console.update(step + 1, record)
@@ -442,9 +442,9 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
                     + (", model in " + os.path.join(cfg.output, "model") if keep_model and cfg.save_model else "")
                     + ", continue with --resume auto")
     elif stopped == "non-finite weights":
-        raise UserError(f"step {done}: the update made the weights non-finite (NaN or inf); no model written"
-                        + (f", the last good checkpoint is kept in {ckpt_root}" if checkpoint.list_checkpoints(ckpt_root)
-                           else "") + ". Check --lr, --max-grad-norm, --weight-decay and the Adam betas")
+        kept = f", the last good checkpoint is kept in {ckpt_root}" if checkpoint.list_checkpoints(ckpt_root) else ""
+        raise UserError(f"step {done}: the update made the weights non-finite (NaN or inf); no model written{kept}. "
+                        f"Check --lr, --max-grad-norm, --weight-decay and the Adam betas")
     elif stopped:
         raise UserError(f"stopped after {stopped} (step {done}); checkpoint saved in {ckpt_root}. "
                         f"Check the data rows logged above, lower --lr, or use --precision fp32")
