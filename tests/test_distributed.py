@@ -129,7 +129,7 @@ def test_fsdp_checkpoint_resume(run_files, tmp_path, capsys):
     _launch([*common, "--max-steps", "2"], out)
     assert os.path.isdir(out / "checkpoints" / "step-000002")
     # Its optimizer state is keyed by name: resuming it without FSDP is refused, not mis-loaded.
-    plain = common[:common.index("--num-processes")] + ["--save-every", "2"]
+    plain = common[:common.index("--num-processes")] + ["--save-every", "2", "--sharding", "none"]  # not config.yaml's
     assert main(["train", *plain, "--output", str(out), "--max-steps", "4", "--resume", "auto"]) == 2
     assert "was written with FSDP; resume it with --sharding fsdp" in capsys.readouterr().err
     proc = _launch([*common, "--max-steps", "4", "--resume", "auto"], out)

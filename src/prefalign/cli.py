@@ -11,6 +11,8 @@ import sys
 from prefalign.errors import UserError, os_error_from, os_error_line, os_errors_name
 from prefalign.validation import add_ranged, check_output_dir, check_output_file, path_arg
 
+BOTH_DROP_EXIT = 3  # --both-drop-stop stopped the run (documented in the flag's help)
+
 TRAIN_HELP = """Train a model with a preference loss (DPO and relatives, KTO) or SFT.
 Every flag is also a YAML key for --config (max_steps <-> --max-steps); flags win over the file."""
 
@@ -98,6 +100,8 @@ def cmd_train(args, base=None):
     if result.stopped.startswith("signal"):
         # Not 0: a job script must not take an interrupted run for a finished one.
         return 128 + int(signal.Signals[result.stopped.split()[-1]])
+    if result.stopped == "both-drop alarm":
+        return BOTH_DROP_EXIT  # model and checkpoint saved; not 0, the run did not finish
     if os.environ.get("RANK", "0") != "0":
         return 0  # one summary per run, from rank 0
     last = result.history[-1] if result.history else {}

@@ -86,11 +86,19 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate on --eval-data every N steps (0 = only at the end)")
     save_every: int = _f(0, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
-    resume: str = _f("", "resume: 'auto' (newest valid checkpoint in OUTPUT) or a checkpoint path")
+    resume: str = _f("", "resume: 'auto' (newest valid checkpoint in OUTPUT) or a checkpoint path; the run's "
+                     "settings come from OUTPUT/config.yaml, so --output alone is enough")
+    resume_changes: str = _f("refuse", "a resume whose data, model or trajectory settings differ from the "
+                             "checkpoint's is refused; allow = apply them, recorded in config.yaml's history",
+                             ["refuse", "allow"])
     overwrite: bool = _f(False, "replace an existing run in OUTPUT")
     tensorboard: bool = _f(False, "also log to TensorBoard under OUTPUT/tb")
-    both_drop_threshold: float = _f(0.5, "alarm when the chosen per-token log-prob falls this far (nats) below its start while the margin grows")
-    both_drop_stop: bool = _f(False, "stop the run (with a checkpoint) when the both-drop alarm fires")
+    both_drop_threshold: float = _f(0.5, "both-drop alarm: fires when the monitor set's chosen per-token log-prob "
+                                    "falls this far (nats, and beyond its noise) below step 0's while its margin grows")
+    both_drop_stop: bool = _f(False, "stop the run when the both-drop alarm fires: saves the model and a checkpoint, "
+                              "exits with status 3")
+    monitor_every: int = _f(20, "score the fixed monitor set (both-drop alarm) every N steps (0 = off)")
+    monitor_pairs: int = _f(32, "pairs in the monitor set: a slice of --eval-data, else a seeded sample of --data")
     max_nonfinite: int = _f(5, "stop after this many non-finite steps in a row")
     chunk_size: int = _f(0, "tokens per chunk of the log-prob head (0 = automatic)")
     progress: bool = _f(True, "show a progress bar")
@@ -111,6 +119,7 @@ RANGES = {
     "lora_r": ">= 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
     "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0", "keep_checkpoints": ">= 1",
     "both_drop_threshold": "finite", "max_nonfinite": ">= 1", "chunk_size": ">= 0",
+    "monitor_every": ">= 0", "monitor_pairs": ">= 1",
 }
 # Fields holding a local path (or a hub id, which never starts with `~`): `~` is expanded.
 PATHS = ("model", "ref_model", "tokenizer", "data", "eval_data", "output", "cache_dir", "resume")
@@ -208,6 +217,10 @@ def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig
     """Merge: dataclass defaults < base (the command's defaults) < YAML (--config) < explicit flags."""
     values: dict = dict(base or {})
     sources: dict = {}
+    if getattr(args, "resume", None) and getattr(args, "output", None):
+        from prefalign.fingerprint import saved_config
+
+        values.update(saved_config(validation.expand(args.output)))  # the run's own settings; flags still win
     config_path = validation.expand(getattr(args, "config", None))
     if config_path:
         file_values = load_yaml(config_path)

@@ -41,6 +41,26 @@ def pair_metrics(s: prepare.Setup, cfg, ac, items=None, batch_size: int | None =
 
 
 @torch.no_grad()
+def policy_pair_logps(s: prepare.Setup, cfg, ac, items, batch_size: int | None = None) -> objective.PairLogps:
+    """Each pair's summed chosen/rejected log-probs and token counts under the policy (eval
+    mode, no gradient), on the CPU: per-pair scores for statistics over a fixed set."""
+    from prefalign.train import _logp_kw
+
+    bs = batch_size or cfg.batch_size
+    was_training = s.policy.training
+    s.policy.eval()
+    try:
+        parts = []
+        for i in range(0, len(items), bs):
+            with ac():
+                parts.append(objective.pair_logps(s.policy, items[i:i + bs], **_logp_kw(s, cfg)))
+    finally:
+        s.policy.train(was_training)
+    return objective.PairLogps(*(torch.cat([getattr(p, f).float().cpu() for p in parts])
+                                 for f in objective.PairLogps._fields))
+
+
+@torch.no_grad()
 def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 64,
                temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> dict:
     """KL(pi || ref) on samples of the policy, with their mean length.

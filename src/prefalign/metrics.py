@@ -1,4 +1,4 @@
-"""Metrics: metrics.jsonl (one object per step), the console, TensorBoard; and the both-drop alarm.
+"""Metrics: metrics.jsonl (one object per step), the console, TensorBoard (the both-drop alarm: monitor.py).
 
 Names follow the ecosystem (rewards/chosen, rewards/margins, logps/chosen, ...), so
 dashboards built for TRL read prefalign runs.
@@ -84,35 +84,6 @@ class MetricsLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
-
-
-class BothDropAlarm:
-    """Fires when the chosen completion's per-token log-prob falls `threshold` nats below its
-    starting value while the reward margin grows: DPO is widening the gap by pushing BOTH
-    responses down, which usually precedes degenerate generations."""
-
-    def __init__(self, threshold: float, state: dict | None = None):
-        self.threshold = threshold
-        state = state or {}
-        self.start_chosen = state.get("start_chosen")
-        self.start_margin = state.get("start_margin")
-        self.fired_at = state.get("fired_at")
-
-    def state(self) -> dict:
-        return {"start_chosen": self.start_chosen, "start_margin": self.start_margin, "fired_at": self.fired_at}
-
-    def update(self, step: int, chosen_mean_logp: float | None, margin: float | None) -> bool:
-        """True exactly once: at the step the alarm first fires."""
-        if chosen_mean_logp is None or margin is None or not math.isfinite(chosen_mean_logp):
-            return False
-        if self.start_chosen is None:
-            self.start_chosen, self.start_margin = chosen_mean_logp, margin
-            return False
-        dropped = chosen_mean_logp < self.start_chosen - self.threshold
-        if dropped and margin > self.start_margin and self.fired_at is None:
-            self.fired_at = step
-            return True
-        return False
 
 
 class Console:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from prefalign import checkpoint, objective, prepare, sharding
+from prefalign import checkpoint, fingerprint, monitor, objective, prepare, sharding
 from prefalign.config import TrainConfig, to_dict
 from prefalign.errors import UserError
 from prefalign.logprobs import language_model
-from prefalign.metrics import BothDropAlarm, Console, MetricsLog, peak_memory_mb
+from prefalign.metrics import Console, MetricsLog, peak_memory_mb
 from prefalign.reference import ModelReference
 
 
@@ -115,6 +115,25 @@ class _Stop:
     def __exit__(self, *exc):
         for s, h in self.old.items():
             signal.signal(s, h)
+
+
+def finite_each(params) -> list[bool]:
+    """Per weight tensor (this process's shard under FSDP): all finite? One fused norm per
+    tensor (a NaN or inf anywhere makes its norm non-finite) and one device sync."""
+    local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in params]
+    if not local:
+        return []
+    return torch.stack([n.float() for n in torch._foreach_norm(local)]).isfinite().tolist()
+
+
+def weights_finite(params, device, world: int) -> bool:
+    """Whether every given weight is finite after an update, agreed by all processes."""
+    ok = all(finite_each(params))
+    if world > 1:
+        flag = torch.tensor([float(ok)], dtype=torch.float64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return ok
 
 
 def _all_reduce_grads(params, world: int) -> None:
@@ -270,6 +289,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
 
     torch.manual_seed(cfg.seed)
     sharded = how is not None
+    run_fp = fingerprint.of_run(cfg, world, model, ref_model, tokenizer)  # before LoRA wraps the model
     s = prepare.build(cfg, device=device, model=model, tokenizer=tokenizer, ref_model=ref_model,
                       accelerator=acc, log=say)
     if sharded:
@@ -288,7 +308,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     ckpt_root = os.path.join(cfg.output, "checkpoints")
 
-    start, trainer_state = 0, {}
+    start, trainer_state, changes = 0, {}, {}
     if resuming:
         path = checkpoint.find_resume(ckpt_root, cfg.resume, warn=say)
         if path is None:
@@ -297,11 +317,14 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             weights, optim_state, sched_state, state = checkpoint.read(path)
             checkpoint.check_weights(path, lm, weights)
             checkpoint.check_layout(path, optim_state, sharded)
+            changes = fingerprint.check(path, state["trainer"].get("fingerprint"), run_fp, cfg.resume_changes, say)
             if sharded:
                 sharding.load_full(s.policy, opt, weights, optim_state)
             else:
                 checkpoint.apply(s.policy, opt, weights, optim_state)
             trainer_state = checkpoint.restore(sched, sched_state, state)
+            if changes:
+                fingerprint.apply_optimizer_settings(opt, sched, cfg)
             start = trainer_state["step"]
             s.loss_state.update(trainer_state.get("loss_state", {}))
             say(f"resumed from {path} (step {start})")
@@ -310,14 +333,17 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         # the old run. Only now, after the new run's data and model loaded without error.
         shutil.rmtree(ckpt_root)
     if rank0:
-        import yaml
-
-        with open(os.path.join(cfg.output, "config.yaml"), "w") as fh:
-            yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+        fingerprint.write_config(cfg.output, to_dict(cfg), fingerprint.history(cfg.output) if resuming else [],
+                                 start, changes)
     log = MetricsLog(cfg.output, rank0, cfg.tensorboard, resume_step=start if resuming else None)
-    alarm = BothDropAlarm(cfg.both_drop_threshold, trainer_state.get("alarm"))
+    mon = monitor.for_run(s, cfg, total, trainer_state.get("monitor"))
+    if mon is not None and mon.start is None:  # step 0: the policy before any update
+        mon.observe(start, monitor.score(s, cfg, ac, mon.items))
     console = Console(total, cfg.progress and rank0, start, messages=rank0)
 
+    # Weights already non-finite when loaded (a broken model) are not the update's doing: only
+    # the others are watched, so an update that breaks them is caught.
+    watched = [p for p, ok in zip(params, finite_each(params)) if ok]
     per_step = cfg.batch_size * cfg.grad_accum * world
     history, stopped, nonfinite, done = [], "", trainer_state.get("nonfinite_in_row", 0), start
     skipped_steps = trainer_state.get("skipped_steps", 0)
@@ -329,8 +355,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             weights, optim_state = checkpoint.trainable_state(s.policy), opt.state_dict()
         if rank0:
             checkpoint.save(ckpt_root, step, weights, optim_state, sched,
-                            {"alarm": alarm.state(), "nonfinite_in_row": nonfinite, "skipped_steps": skipped_steps,
-                             "loss_state": s.loss_state},
+                            {"monitor": mon and mon.state(), "nonfinite_in_row": nonfinite,
+                             "skipped_steps": skipped_steps, "loss_state": s.loss_state, "fingerprint": run_fp},
                             cfg.keep_checkpoints)
         if world > 1:
             dist.barrier()
@@ -346,6 +372,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             if finite:
                 opt.step()
                 nonfinite = 0
+                if not weights_finite(watched, device, world):
+                    stopped = "non-finite weights"
             else:
                 nonfinite += 1
                 skipped_steps += 1
@@ -362,26 +390,29 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
                            "grad_norm": float(grad_norm), "pairs_per_s": per_step / dt,
                            "tokens_per_s": n_tokens / dt, "peak_memory_mb": peak_memory_mb(),
                            "nonfinite/skipped_steps": skipped_steps})
-            if alarm.update(step + 1, record.get("logps/chosen_mean"), record.get("rewards/margins")):
-                record["alarm/both_drop"] = 1
-                console.say(f"step {step + 1}: BOTH-DROP ALARM: chosen log-prob/token fell "
-                            f"{alarm.start_chosen - record['logps/chosen_mean']:.2f} nats below its start while "
-                            f"the margin grew; DPO is pushing both responses down")
-                if cfg.both_drop_stop:
-                    stopped = "both-drop alarm"
+            if mon is not None and mon.due(step + 1) and not stopped:
+                scores, fired = mon.observe(step + 1, monitor.score(s, cfg, ac, mon.items))
+                record.update(scores)
+                if fired:
+                    record["alarm/both_drop"] = 1
+                    console.say(mon.message(step + 1, scores))
+                    if cfg.both_drop_stop:
+                        stopped = "both-drop alarm"
             if s.eval_items and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                 record.update({f"eval/{k}": v for k, v in evaluate.pair_metrics(s, cfg, ac).items()})
-            # A skipped step is always logged, whatever log_every says: its rows are the evidence.
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total or not finite:
+            # A skipped step or an alarm is always logged, whatever log_every says: they are the evidence.
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total or not finite or "alarm/both_drop" in record:
                 log.write(record)
                 history.append(record)
                 console.update(step + 1, record)
             if nonfinite >= cfg.max_nonfinite:
                 stopped = f"{nonfinite} non-finite steps in a row"
             signum = stop.agreed(device, world)
-            if signum:
+            if signum and not stopped:
                 stopped = f"signal {signal.Signals(signum).name}"
-            if stopped or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total):
+            # Non-finite weights are never saved: the last good checkpoint stays the newest.
+            if (stopped and stopped != "non-finite weights") or (
+                    cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total):
                 save(step + 1)
             if stopped:
                 break
@@ -394,10 +425,12 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     if cfg.save_every and not stopped:
         save(done)
     final = lm
-    if sharded and cfg.save_model and not stopped:
+    # A both-drop stop keeps its model: the user stopped a run that was going wrong, not a broken one.
+    keep_model = not stopped or stopped == "both-drop alarm"
+    if sharded and cfg.save_model and keep_model:
         weights = sharding.full_weights(s.policy)  # collective
         final = sharding.plain_copy(lm, weights) if rank0 else lm
-    if rank0 and not stopped:
+    if rank0 and keep_model:
         if cfg.save_model:
             from prefalign.models import save_model
 
@@ -405,8 +438,13 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
                        os.path.join(cfg.output, "merged") if cfg.merge_lora else None)
         report.plot_training(cfg.output)
     if stopped.startswith(("signal", "both")):
-        console.say(f"stopped at step {done}: {stopped}; checkpoint saved in {ckpt_root}, "
-                    f"continue with --resume auto")
+        console.say(f"stopped at step {done}: {stopped}; checkpoint saved in {ckpt_root}"
+                    + (", model in " + os.path.join(cfg.output, "model") if keep_model and cfg.save_model else "")
+                    + ", continue with --resume auto")
+    elif stopped == "non-finite weights":
+        kept = f", the last good checkpoint is kept in {ckpt_root}" if checkpoint.list_checkpoints(ckpt_root) else ""
+        raise UserError(f"step {done}: the update made the weights non-finite (NaN or inf); no model written{kept}. "
+                        f"Check --lr, --max-grad-norm, --weight-decay and the Adam betas")
     elif stopped:
         raise UserError(f"stopped after {stopped} (step {done}); checkpoint saved in {ckpt_root}. "
                         f"Check the data rows logged above, lower --lr, or use --precision fp32")

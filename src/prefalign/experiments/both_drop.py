@@ -4,9 +4,10 @@ DPO's loss sees only the margin h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_
 so it can widen h by pushing the rejected response down faster than the chosen one, with BOTH
 falling. We overtrain on purpose (few pairs, many epochs, a small beta), log the summed chosen and
 rejected log-probs each step (logps/chosen, logps/rejected), mark the step the trainer's both-drop
-alarm fires (chosen per-token log-prob `both_drop_threshold` nats below its start while the margin
-grows), and evaluate checkpoints along the way: held-out verifier score and degenerate answers
-(malformed: not a well-formed number; run-on: no end-of-sequence within the token limit).
+alarm fires (on a fixed sample of the training pairs, the chosen per-token log-prob fell more than
+`both_drop_threshold` nats and its noise below step 0's while the margin grew), and evaluate
+checkpoints along the way: held-out verifier score and degenerate answers (malformed: not a
+well-formed number; run-on: no end-of-sequence within the token limit).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import os
 
 from safetensors.torch import load_file
 
-from prefalign import checkpoint
+from prefalign import checkpoint, monitor
 from prefalign.config import TrainConfig
 from prefalign.experiments import common
 
 BETA = 0.01
 LR = 2e-4     # slower than the demo's DPO lr, so the rise before the fall is visible
+LR_QUICK = 5e-4  # the quick run has fewer steps to get there
 N_PAIRS = 128
 
 
@@ -37,17 +39,21 @@ def load_checkpoint_policy(sft_model, path: str):
 def run(ctx: common.Context) -> common.Result:
     start = common.demo_start(ctx)
     s = ctx.settings
-    n_pairs = min(len(start.pairs), N_PAIRS if not ctx.quick else 16)
+    n_pairs = min(len(start.pairs), N_PAIRS if not ctx.quick else 32)
     batch = min(s.dpo_batch, n_pairs)
-    steps = 360 if not ctx.quick else 8
-    every = 30 if not ctx.quick else 4
+    steps = 360 if not ctx.quick else 96
+    every = 30 if not ctx.quick else 24
+    lr = LR if not ctx.quick else LR_QUICK
     pairs_file = common.write_rows(ctx.path("data", "pairs_subset.jsonl"), start.pairs[:n_pairs])
-    ctx.say(f"overtraining DPO: beta {BETA}, {n_pairs} pairs, {steps} steps of {batch} "
+    ctx.say(f"overtraining DPO: beta {BETA}, lr {lr}, {n_pairs} pairs, {steps} steps of {batch} "
             f"({steps * batch / n_pairs:.0f} epochs), checkpoints every {every} steps")
     with ctx.timer("dpo"):
-        res = common.dpo(ctx.path("dpo"), start.sft, start.tok, pairs_file, start.eval_file, s, beta=BETA, lr=LR,
+        res = common.dpo(ctx.path("dpo"), start.sft, start.tok, pairs_file, start.eval_file, s, beta=BETA, lr=lr,
                            max_steps=steps, batch_size=batch, save_every=every, keep_checkpoints=steps // every + 1,
-                           save_model=False)
+                           save_model=False, monitor_every=every // 3,
+                           # the alarm watches the pairs being fitted (a seeded sample of them): that is where
+                           # DPO pushes both responses down; held-out quality is measured below
+                           eval_data="")
     hist = res.history
     fired = next((r["step"] for r in hist if r.get("alarm/both_drop")), None)
     by_step = {r["step"]: r for r in hist}
@@ -102,9 +108,12 @@ def run(ctx: common.Context) -> common.Result:
         claim="DPO can make BOTH chosen and rejected less likely (only the gap matters), which can degrade "
               "generation quality; monitor the absolute log-probs.",
         notes=[f"{n_pairs} on-policy pairs, {steps} steps of {batch} pairs ({steps * batch / n_pairs:.0f} epochs), "
-               f"beta {BETA}, lr {LR} constant; checkpoints every {every} steps evaluated on "
+               f"beta {BETA}, lr {lr} constant; checkpoints every {every} steps evaluated on "
                f"{len(start.splits.heldout)} held-out problems. logp columns: the training batch's mean summed "
-               f"log-prob at that step (row 0 shows step 1). The alarm (metrics.BothDropAlarm, threshold "
-               f"{TrainConfig().both_drop_threshold} nats/token) fires once."],
+               f"log-prob at that step (row 0 shows step 1). The alarm (monitor.both_drop) scores a fixed "
+               f"seeded sample of {min(n_pairs, TrainConfig().monitor_pairs)} training pairs every {every // 3} "
+               f"steps and fires once, when their chosen log-prob/token fell more than "
+               f"max({TrainConfig().both_drop_threshold}, {monitor.Z:g} standard errors) nats below step 0's "
+               f"while their margin grew beyond its noise."],
         extra={"alarm_step": fired, "n_pairs": n_pairs, "steps": steps},
     )
