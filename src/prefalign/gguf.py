@@ -76,7 +76,9 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, attention: str 
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except (OSError, ValueError, KeyError, NotImplementedError, ImportError) as e:
         raise _refused(path, e) from None
-    return plain_copy(loaded, dtype, attention)
+    model = plain_copy(loaded, dtype, attention)
+    model.config._name_or_path = os.path.abspath(os.path.expanduser(path))  # what a LoRA adapter names as its base
+    return model
 
 
 def plain_copy(loaded, dtype: torch.dtype, attention: str = "auto"):
