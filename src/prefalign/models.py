@@ -13,10 +13,14 @@ import os
 import torch
 from safetensors import SafetensorError
 
+from prefalign import gguf
 from prefalign.errors import UserError
 
 
 def _check_source(path: str, what: str) -> None:
+    if gguf.is_gguf(path):  # a file, not a directory
+        gguf.check(path)
+        return
     if not path:
         raise UserError(f"no {what} given (--{what})")
     looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
@@ -31,11 +35,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer, with a pad token (EOS stands in when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
+    if gguf.is_gguf(path):  # a llama.cpp file: vocabulary and chat template from its metadata
+        return _with_pad(gguf.load_tokenizer(path), path)
     _check_source(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    return _with_pad(tok, path)
+
+
+def _with_pad(tok, path: str):
     if tok.eos_token_id is None:
         raise UserError(f"{path}: the tokenizer has no EOS token; completions need one to end "
                         f"(set eos_token in tokenizer_config.json)")
@@ -51,6 +61,11 @@ def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype
     `attention`: the transformers attn_implementation ("auto" leaves transformers' choice)."""
     from transformers import AutoModelForCausalLM
 
+    if gguf.is_gguf(path):  # a llama.cpp file, dequantized to a plain float model
+        if qlora:
+            raise UserError(f"{path}: --qlora needs a model directory; convert the file first "
+                            f"(python -m prefalign.gguf {path} OUT_DIR)")
+        return gguf.load_model(path, dtype=dtype, attention=attention)
     _check_source(path, "model")
     # Loading info + no exception on size mismatches: prefalign itself refuses missing or
     # mismatched tensors (transformers would only print a report and train on random weights).

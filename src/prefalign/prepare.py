@@ -100,6 +100,25 @@ def reference_strategy(cfg: TrainConfig, spec: LossSpec | None) -> str:
     return cfg.reference
 
 
+def reference_batches(cfg: TrainConfig, n_train: int, n_eval: int, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches of the precomputed reference pass: the first epoch's, exactly
+    as the training loop will cut them (so step-1 log-ratios are exactly 0), then the pairs the
+    first epoch drops (the remainder of n_train / step size), then evaluation's batches.
+    Indices >= n_train are eval items."""
+    from prefalign.train import step_indices  # train imports this module
+
+    bs, per_step = cfg.batch_size, cfg.batch_size * cfg.grad_accum * world
+    mine, seen = [], set()
+    for step in range(n_train // per_step):
+        idx = step_indices(n_train, step, per_step, cfg.seed)
+        seen.update(idx)
+        mine += [idx[lo:lo + bs] for lo in ((j * world + rank) * bs for j in range(cfg.grad_accum))]
+    rest = [i for i in range(n_train) if i not in seen][rank::world]
+    mine += [rest[lo:lo + bs] for lo in range(0, len(rest), bs)]
+    evals = [list(range(n_train + lo, n_train + min(lo + bs, n_eval))) for lo in range(0, n_eval, bs)]
+    return mine + evals[rank::world]
+
+
 def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None, ref_model=None,
           accelerator=None, log=print) -> Setup:
     """Load tokenizer, data, policy and reference. `model`/`tokenizer` objects may be passed in
@@ -139,9 +158,12 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
     reference: refs.Reference = refs.Reference()
     if strategy in ("copy", "precomputed") and not (strategy == "precomputed" and cfg.lora_r > 0):
         if ref_model is None:
-            dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+            # fp32 weights under the policy's autocast, whatever --precision says: a bf16 copy would
+            # round its norms, embeddings and residual stream too, so the step-1 log-ratio would be
+            # precision noise (loss 0.6808, not ln 2). The price is 4 bytes/param, not 2; LoRA
+            # (adapters-off) or --reference precomputed (the copy is freed after one pass) avoid it.
             ref_model = models.load_model(cfg.ref_model or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                                          dtype=dtype, attention=cfg.attention)
+                                          attention=cfg.attention)
         else:
             models.set_attention(ref_model, cfg.attention)
         models.check_vocab(tokenizer, ref_model, cfg.ref_model or cfg.model)
@@ -151,13 +173,16 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
     if strategy == "precomputed":
         if kind != "paired":
             raise UserError("reference precomputed supports paired losses only; use --reference copy")
-        settings = {"max_length": cfg.max_length, "packing": cfg.packing, "precision": cfg.precision}
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        settings = {"max_length": cfg.max_length, "packing": cfg.packing, "precision": cfg.precision,
+                    "token_budget": cfg.token_budget, "chunk_size": cfg.chunk_size,
+                    "layout": [cfg.seed, cfg.batch_size, cfg.grad_accum, world]}
         key = refs.cache_key(cfg.ref_model or cfg.model or "in-process", reference.model, items + eval_items,
                              settings)
         cache_dir = cfg.cache_dir or os.path.join(cfg.output, "ref_cache")
         log(f"precomputing reference log-probs for {len(items) + len(eval_items)} pairs (cache {cache_dir})")
-        reference = refs.precompute(reference, items + eval_items, cfg.batch_size, cache_dir, key, accelerator,
-                                     log=log)
+        batches = reference_batches(cfg, len(items), len(eval_items), rank, world)
+        reference = refs.precompute(reference, items + eval_items, batches, cache_dir, key, accelerator, log=log)
         ref_model = None  # the reference model is freed: training runs no reference forward
         gc.collect()
     return Setup(tokenizer, model, reference, spec, items, eval_items, stats)

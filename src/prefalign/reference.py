@@ -106,9 +106,14 @@ def cache_key(model_id: str, model, items, settings: dict) -> str:
     return h.hexdigest()[:24]
 
 
-def precompute(ref: ModelReference, items, batch_size: int, cache_dir: str, key: str,
+def precompute(ref: ModelReference, items, batches: list[list[int]], cache_dir: str, key: str,
                accelerator=None, progress=None, log=print) -> PrecomputedReference:
-    """One pass of the reference over all pairs (split across processes), cached on disk.
+    """One pass of the reference over all pairs, cached on disk.
+
+    `batches`: this process's micro-batches, as indices into `items`. The caller passes the
+    batches in which training will first score each pair: a pair's log-prob moves in the last
+    bits with what else is in its padded batch (matmul shapes; whole bf16 roundings under
+    autocast), so only the same batch makes the step-1 log-ratio exactly zero.
     A cache file that is damaged (cut short, emptied, flipped bits) is recomputed, never used."""
     if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):  # before the pass, not after it
         raise UserError(f"--cache-dir {cache_dir} is a file, not a directory")
@@ -118,13 +123,11 @@ def precompute(ref: ModelReference, items, batch_size: int, cache_dir: str, key:
         if cached is not None:
             return _table(items, *cached)
         log(f"reference cache {path} is damaged ({problem}); recomputing it")
-    rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
-    mine = list(range(rank, len(items), world))
+    rank = accelerator.process_index if accelerator else 0
     vals = torch.zeros(len(items), 2)
     cnts = torch.zeros(len(items), 2, dtype=torch.long)
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start:start + batch_size]
+    for idx in batches:
         out = ref.pair_logps([items[i] for i in idx])
         vals[idx] = torch.stack([out.chosen, out.rejected], 1).float().cpu()
         cnts[idx] = torch.stack([out.chosen_count, out.rejected_count], 1).cpu()
