@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from prefalign.cli import main
 from test_train import assert_same_weights, run_files, weights, write_pairs  # noqa: F401 (run_files: fixture)
-from tiny import IM_START_ID, make_model, make_tokenizer
+from tiny import make_model, make_tokenizer
 
 TIMING = ("pairs_per_s", "tokens_per_s", "peak_memory_mb")
 SLOW_CLI = ("import sys, time; import prefalign.train as t; f = t.micro_step; "
@@ -135,14 +135,17 @@ def test_truncated_metrics_line_of_a_killed_run(run_files, uninterrupted, tmp_pa
 
 # ---------------------------------------------------------------------------------------------
 # The non-finite guard: a model whose embedding of one token is NaN gives a NaN loss exactly on
-# the rows that contain that token.
+# the rows that contain that token. The token is a plain character ("~"), not a special token:
+# data text is tokenized as text, so a special-token string in a row never reaches its id.
+POISON = "~"
+POISON_ID = make_tokenizer().encode(POISON, add_special_tokens=False)[0]
 
 @pytest.fixture(scope="module")
 def nan_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("nan") / "model"
     model = make_model("llama", seed=0)
     with torch.no_grad():
-        model.get_input_embeddings().weight[IM_START_ID] = float("nan")
+        model.get_input_embeddings().weight[POISON_ID] = float("nan")
     model.save_pretrained(d)
     make_tokenizer().save_pretrained(d)
     return str(d)
@@ -153,7 +156,7 @@ def poison(path, rows):
     lines = open(path).read().splitlines()
     for r in rows:
         row = json.loads(lines[r - 1])
-        row["chosen"] += " <|im_start|>"
+        row["chosen"] += POISON
         lines[r - 1] = json.dumps(row)
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -176,7 +179,7 @@ def test_nonfinite_step_is_skipped_and_logged(nan_model, tmp_path):
     w = load_file(out / "model" / "model.safetensors")
     for name, t in w.items():
         if "embed_tokens" in name:
-            t = torch.cat([t[:IM_START_ID], t[IM_START_ID + 1:]])
+            t = torch.cat([t[:POISON_ID], t[POISON_ID + 1:]])
         assert torch.isfinite(t).all(), name
 
 
