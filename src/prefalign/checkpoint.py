@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefalign.errors import UserError
+from prefalign.rundir import follow_umask
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -63,8 +64,8 @@ def save(root: str, step: int, weights: dict[str, torch.Tensor], optim_state: di
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
-    # Half-written checkpoints of a killed run are never read (list_checkpoints skips them);
-    # only one process writes here, so any temporary directory left is garbage.
+    # Half-written checkpoints of a killed run are never read (list_checkpoints skips them); the
+    # run directory's lock (rundir.claim) lets one process write here, so any temporary left is garbage.
     for d in os.listdir(root):
         if d.startswith(".tmp-step-"):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -81,6 +82,7 @@ def save(root: str, step: int, weights: dict[str, torch.Tensor], optim_state: di
         json.dump({"step": step, "files": manifest}, fh)
         fh.flush()
         os.fsync(fh.fileno())
+    follow_umask(tmp)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)

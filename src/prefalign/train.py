@@ -8,9 +8,9 @@ up exactly where the checkpoint left it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from prefalign import checkpoint, objective, prepare, sharding
+from prefalign import checkpoint, objective, prepare, rundir, sharding
 from prefalign.config import TrainConfig, to_dict
 from prefalign.errors import UserError
 from prefalign.logprobs import language_model
@@ -34,6 +34,7 @@ class RunResult:
     history: list = field(default_factory=list)  # the logged records
     final_eval: dict = field(default_factory=dict)
     stopped: str = ""  # why the run stopped early ("" = it finished)
+    already_finished: bool = False  # --resume found the run finished: nothing was done
     policy: object = None
     tokenizer: object = None
 
@@ -68,21 +69,11 @@ def total_steps(cfg: TrainConfig, n_items: int, world: int) -> int:
     return cfg.max_steps or max(1, int(cfg.epochs * (n_items // per_step)))
 
 
-def _check_output(cfg: TrainConfig, resuming: bool) -> None:
-    """Never clobber another run: an output dir that holds one needs --resume or --overwrite."""
-    if not cfg.output:
-        raise UserError("no output directory given (--output)")
-    marker = os.path.join(cfg.output, "config.yaml")
-    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
-        raise UserError(f"--output {cfg.output} exists and is not a directory")
-    if os.path.isfile(marker) and not (resuming or cfg.overwrite):
-        raise UserError(f"{cfg.output} already holds a run; use --resume auto to continue it or --overwrite "
-                        f"to replace it")
-
-
 class _Stop:
-    """SIGINT/SIGTERM ask for a clean stop: the loop finishes its step, saves, and exits.
-    A second signal stops at once (KeyboardInterrupt), for a user who really means it."""
+    """SIGINT/SIGTERM/SIGHUP ask for a clean stop: the loop finishes its step, saves, and exits.
+    A second signal stops at once (KeyboardInterrupt), for a user who really means it.
+    The handlers stay after the loop, so a signal during the final eval and save lets them finish
+    (see train); `train` puts the previous handlers back when it returns."""
 
     def __init__(self):
         self.signal = None
@@ -90,7 +81,7 @@ class _Stop:
         self.old = {}
 
     def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             try:
                 self.old[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread
@@ -113,8 +104,21 @@ class _Stop:
         return int(flag.item())
 
     def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
+        pass
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread / set outside Python
+                signal.signal(s, h)
 
 
 def _all_reduce_grads(params, world: int) -> None:
@@ -243,13 +247,18 @@ def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params,
 
 
 def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
-    """Run one offline training job described by `cfg`; returns what it logged."""
+    """Run one offline training job described by `cfg`; returns what it logged. It holds the
+    output directory (rundir.claim: locked, checked) from before loading to the end."""
+    with rundir.claim(cfg), _signal_handlers_kept():
+        return _train(cfg, model=model, tokenizer=tokenizer, ref_model=ref_model)
+
+
+def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
     from accelerate import Accelerator
 
     from prefalign import evaluate, report
 
     resuming = bool(cfg.resume)
-    _check_output(cfg, resuming)
     how = sharding.plan(cfg)
     if how is not None:
         sharding.check(cfg)
@@ -261,8 +270,6 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     if how is not None and not dist.is_initialized():
         raise UserError(f"sharding ({how.source}) needs several processes: add --num-processes N, or launch "
                         f"with accelerate launch / torchrun")
-    if rank0:
-        os.makedirs(cfg.output, exist_ok=True)
 
     def say(msg):  # plain lines until the progress bar starts; messages print even under --no-progress
         if rank0:
@@ -288,10 +295,11 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     ckpt_root = os.path.join(cfg.output, "checkpoints")
 
-    start, trainer_state = 0, {}
+    start, trainer_state, path = 0, {}, None
     if resuming:
         path = checkpoint.find_resume(ckpt_root, cfg.resume, warn=say)
         if path is None:
+            rundir.check_nothing_finished(cfg.output)
             say(f"no valid checkpoint in {ckpt_root}; starting from step 0")
         else:
             weights, optim_state, sched_state, state = checkpoint.read(path)
@@ -304,12 +312,16 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             trainer_state = checkpoint.restore(sched, sched_state, state)
             start = trainer_state["step"]
             s.loss_state.update(trainer_state.get("loss_state", {}))
+            if rundir.nothing_left(start, total, trainer_state.get("finished", False)):
+                say(f"{cfg.output}: the run already finished at step {start}; nothing to do (to train it "
+                    f"further: --resume auto --max-steps N, N > {start})")
+                return RunResult(cfg.output, start, already_finished=True)
             say(f"resumed from {path} (step {start})")
-    elif rank0 and os.path.isdir(ckpt_root):
-        # --overwrite: the old run's checkpoints must go, or a later --resume auto would continue
-        # the old run. Only now, after the new run's data and model loaded without error.
-        shutil.rmtree(ckpt_root)
     if rank0:
+        # Only now, after the new run's data and model loaded without error: a fresh start (--overwrite)
+        # drops the old run's outputs, or a later --resume auto would continue the OLD run.
+        rundir.begin(cfg.output, replace=path is None or os.path.dirname(os.path.realpath(path))
+                     != os.path.realpath(ckpt_root))
         import yaml
 
         with open(os.path.join(cfg.output, "config.yaml"), "w") as fh:
@@ -322,7 +334,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     history, stopped, nonfinite, done = [], "", trainer_state.get("nonfinite_in_row", 0), start
     skipped_steps = trainer_state.get("skipped_steps", 0)
 
-    def save(step):
+    def save(step, **extra):
         if sharded:  # gathering is a collective: every rank takes part, rank 0 writes
             weights, optim_state = sharding.full_weights(s.policy), sharding.full_optimizer_state(s.policy, opt)
         elif rank0:
@@ -330,7 +342,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         if rank0:
             checkpoint.save(ckpt_root, step, weights, optim_state, sched,
                             {"alarm": alarm.state(), "nonfinite_in_row": nonfinite, "skipped_steps": skipped_steps,
-                             "loss_state": s.loss_state},
+                             "loss_state": s.loss_state, **extra},
                             cfg.keep_checkpoints)
         if world > 1:
             dist.barrier()
@@ -391,8 +403,6 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         final_eval = evaluate.pair_metrics(s, cfg, ac)
         log.write({"step": done, **{f"eval/{k}": v for k, v in final_eval.items()}})
     log.close()
-    if cfg.save_every and not stopped:
-        save(done)
     final = lm
     if sharded and cfg.save_model and not stopped:
         weights = sharding.full_weights(s.policy)  # collective
@@ -404,10 +414,19 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             save_model(final, s.tokenizer, os.path.join(cfg.output, "model"),
                        os.path.join(cfg.output, "merged") if cfg.merge_lora else None)
         report.plot_training(cfg.output)
-    if stopped.startswith(("signal", "both")):
+    if not stopped:
+        # Last, so a checkpoint marked finished means the model above is complete. It is what
+        # --resume auto --max-steps N continues from (--save-every 0 = "only at the end").
+        save(done, finished=True)
+        late = stop.agreed(device, world)
+        if late:  # the handlers kept the signal from cutting the eval or the save short
+            stopped = f"signal {signal.Signals(late).name}"
+            console.say(f"{stopped} during the final save; the save completed (model and checkpoint at "
+                        f"step {done}); exiting with status {128 + late}")
+    elif stopped.startswith(("signal", "both")):
         console.say(f"stopped at step {done}: {stopped}; checkpoint saved in {ckpt_root}, "
                     f"continue with --resume auto")
-    elif stopped:
+    else:
         raise UserError(f"stopped after {stopped} (step {done}); checkpoint saved in {ckpt_root}. "
                         f"Check the data rows logged above, lower --lr, or use --precision fp32")
     return RunResult(cfg.output, done, history, final_eval, stopped, final, s.tokenizer)
