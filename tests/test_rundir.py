@@ -266,3 +266,18 @@ def test_weights_files_follow_the_umask(run_files, tmp_path):
              tmp_path / "u" / "model" / "tokenizer.json"]
     for f in files:
         assert oct(os.stat(f).st_mode & 0o777) == oct(0o644), f
+
+
+def test_a_bad_row_under_two_processes_is_one_line(run_files, tmp_path):
+    """Every rank meets the bad row; rank 0 alone says so, and the launcher adds nothing."""
+    data = tmp_path / "d.jsonl"
+    shutil.copy(run_files["data"], data)
+    with open(data, "a") as fh:
+        fh.write('{"prompt": "p"}\n')
+    proc = subprocess.run([sys.executable, "-m", "prefalign.cli", *args_for(run_files, tmp_path / "o", "--data",
+                                                                            str(data), "--num-processes", "2")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert lines == [f"prefalign: error: {data}, row 17, field 'chosen': missing field 'chosen'; the row has prompt"], \
+        proc.stderr[-3000:]

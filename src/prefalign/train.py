@@ -34,9 +34,9 @@ class RunResult:
     history: list = field(default_factory=list)  # the logged records
     final_eval: dict = field(default_factory=dict)
     stopped: str = ""  # why the run stopped early ("" = it finished)
-    already_finished: bool = False  # --resume found the run finished: nothing was done
     policy: object = None
     tokenizer: object = None
+    already_finished: bool = False  # --resume found the run finished: nothing was done
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
