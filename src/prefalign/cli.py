@@ -67,9 +67,18 @@ def launcher(launch_args: list[str]) -> int:
     import logging
     import warnings
 
+    # torch's elastic loggers take their level from LOGLEVEL when their modules are imported.
+    level = os.environ.get("LOGLEVEL")
+    os.environ["LOGLEVEL"] = "CRITICAL"
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.agent.server import api  # noqa: F401 (its logger, quiet)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if level is None:
+        del os.environ["LOGLEVEL"]
+    else:
+        os.environ["LOGLEVEL"] = level
 
     # Another run's launcher on the default port: accelerate picks a free one, and says so at length.
     warnings.filterwarnings("ignore", message="Port .* is already in use")
