@@ -22,7 +22,7 @@ TIMING = ("pairs_per_s", "tokens_per_s", "peak_memory_mb")
 # A real `prefalign train` process, slowed down (a sleep in each micro-step) so that it is still
 # training while the test acts; patched from the command line, not through a hook in the library.
 SLOW_CLI = ("import sys, time; import prefalign.train as t; f = t.micro_step; "
-            "t.micro_step = lambda *a, **k: (time.sleep(0.4), f(*a, **k))[1]; "
+            "t.micro_step = lambda *a, **k: (time.sleep(1.0), f(*a, **k))[1]; "
             "from prefalign.cli import main; sys.exit(main(sys.argv[1:]))")
 # SIGTERM to itself from inside the final model save.
 TERM_IN_SAVE = ("import os, signal, sys; import prefalign.models as m; f = m.save_model; "
@@ -167,6 +167,10 @@ def test_resume_without_a_checkpoint_never_retrains_a_finished_run(run_files, fo
     assert digest_tree(out) == before
     rc, err = cli(args_for(run_files, out, steps=8), capsys)  # nothing to resume: not suggested
     assert rc == 2 and "no checkpoint to continue from; use --overwrite" in err and "--resume" not in err
+    assert digest_tree(out) == before
+    # --overwrite says to replace it: a fresh start.
+    rc, err = cli(args_for(run_files, out, "--resume", "auto", "--overwrite", steps=2), capsys)
+    assert rc == 0 and "starting from step 0" in err and [r["step"] for r in metrics(out)] == [1, 2]
     # A new directory: --resume auto starts from step 0, as a job script's first attempt needs.
     rc, err = cli(args_for(run_files, tmp_path / "new", "--resume", "auto", steps=2), capsys)
     assert rc == 0 and "starting from step 0" in err

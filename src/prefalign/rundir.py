@@ -100,9 +100,11 @@ def check(cfg) -> None:
                         f"--overwrite to replace it, or another --output")
 
 
-def check_nothing_finished(output: str) -> None:
-    """--resume with no checkpoint starts from step 0: refused where that would retrain a finished run."""
-    if any(os.path.exists(os.path.join(output, n)) for n in FINISHED_MARKS):
+def check_nothing_finished(cfg) -> None:
+    """--resume with no checkpoint starts from step 0: refused where that would retrain a finished
+    run, unless --overwrite says to replace it."""
+    output = cfg.output
+    if not cfg.overwrite and any(os.path.exists(os.path.join(output, n)) for n in FINISHED_MARKS):
         raise UserError(f"{output} holds a finished run but no valid checkpoint to continue from; "
                         f"use --overwrite to replace it, or another --output")
 

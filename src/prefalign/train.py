@@ -69,6 +69,9 @@ def total_steps(cfg: TrainConfig, n_items: int, world: int) -> int:
     return cfg.max_steps or max(1, int(cfg.epochs * (n_items // per_step)))
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _Stop:
     """SIGINT/SIGTERM/SIGHUP ask for a clean stop: the loop finishes its step, saves, and exits.
     A second signal stops at once (KeyboardInterrupt), for a user who really means it.
@@ -78,12 +81,11 @@ class _Stop:
     def __init__(self):
         self.signal = None
         self.signum = 0
-        self.old = {}
 
     def __enter__(self):
         for s in STOP_SIGNALS:
             try:
-                self.old[s] = signal.signal(s, self._handle)
+                signal.signal(s, self._handle)
             except ValueError:  # not the main thread
                 pass
         return self
@@ -107,11 +109,9 @@ class _Stop:
         pass
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 @contextlib.contextmanager
 def _signal_handlers_kept():
+    """The signal handlers as they were before the run, once it ends (see _Stop)."""
     old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         yield
@@ -299,7 +299,7 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
     if resuming:
         path = checkpoint.find_resume(ckpt_root, cfg.resume, warn=say)
         if path is None:
-            rundir.check_nothing_finished(cfg.output)
+            rundir.check_nothing_finished(cfg)
             say(f"no valid checkpoint in {ckpt_root}; starting from step 0")
         else:
             weights, optim_state, sched_state, state = checkpoint.read(path)
