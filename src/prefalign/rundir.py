@@ -125,6 +125,9 @@ def _lock(output: str) -> int:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # a failed start that created the directory just removed it
+            os.makedirs(output, exist_ok=True)
+            continue
         except OSError as e:
             raise UserError(f"--output {output}: cannot create {LOCK}: {e.strerror}") from None
         try:
@@ -171,7 +174,7 @@ def claim(cfg):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output {out} exists and is not a directory")
     lead = os.environ.get("RANK", "0") == "0"
-    fd = None
+    fd, created = None, not os.path.exists(out)
     if lead:
         try:
             os.makedirs(out, exist_ok=True)
@@ -187,6 +190,9 @@ def claim(cfg):
     finally:
         if fd is not None:
             _unlock(fd, out)
+            if created:  # a start that failed before writing anything leaves no directory behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(out)
 
 
 def begin(output: str, replace: bool) -> None:
