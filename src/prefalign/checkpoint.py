@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from prefalign.errors import UserError, os_error_from
+from prefalign.rundir import follow_umask
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -64,8 +65,8 @@ def save(root: str, step: int, weights: dict[str, torch.Tensor], optim_state: di
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
-    # Half-written checkpoints of a killed run are never read (list_checkpoints skips them);
-    # only one process writes here, so any temporary directory left is garbage.
+    # Half-written checkpoints of a killed run are never read (list_checkpoints skips them); the
+    # run directory's lock (rundir.claim) lets one process write here, so any temporary left is garbage.
     for d in os.listdir(root):
         if d.startswith(".tmp-step-"):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -100,6 +101,7 @@ def _write(tmp: str, step: int, weights, optim_state, scheduler, trainer_state) 
         json.dump({"step": step, "files": manifest}, fh)
         fh.flush()
         os.fsync(fh.fileno())
+    follow_umask(tmp)
 
 
 def list_checkpoints(root: str) -> list[str]:

@@ -56,18 +56,66 @@ def _strip_num_processes(argv: list[str]) -> list[str]:
 def relaunch(argv: list[str], n: int) -> int:
     """Run this same command on n processes through accelerate's launcher (torchrun underneath;
     on a machine without GPUs each process trains on CPU with the gloo backend). Signals are
-    passed on, so Ctrl-C or a scheduler's SIGTERM still ends in a checkpoint."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "prefalign.cli", *_strip_num_processes(argv)]
-    proc = subprocess.Popen(launch)
+    passed on, so Ctrl-C, a scheduler's SIGTERM or a closed terminal's SIGHUP still end in a checkpoint."""
+    launch = ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "prefalign.cli", *_strip_num_processes(argv)]
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from prefalign.cli import launcher; "
+                             "sys.exit(launcher(sys.argv[1:]))", *launch])
     forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         return proc.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def launcher(launch_args: list[str]) -> int:
+    """accelerate launch, minus its own report of a failed process (a traceback, a box of
+    details, log lines): rank 0 has already said what went wrong in one line (see main).
+    Returns the exit status of the process that failed first (2 for a UserError)."""
+    import logging
+    import warnings
+
+    # torch's elastic loggers take their level from LOGLEVEL when their modules are imported.
+    level = os.environ.get("LOGLEVEL")
+    os.environ["LOGLEVEL"] = "CRITICAL"
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.agent.server import api  # noqa: F401 (its logger, quiet)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if level is None:
+        del os.environ["LOGLEVEL"]
+    else:
+        os.environ["LOGLEVEL"] = level
+
+    # Another run's launcher on the default port: accelerate picks a free one, and says so at length.
+    warnings.filterwarnings("ignore", message="Port .* is already in use")
+    os.environ["PREFALIGN_LAUNCHER"] = "1"  # the ranks leave their error messages to this process
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        launch_command(launch_command_parser().parse_args(launch_args))
+    except ChildFailedError as e:
+        # A rank that gave up on a UserError (its message in its error file), else one that exited by
+        # itself rather than being stopped by the launcher afterwards (negative: by a signal).
+        rank, failure = min(e.failures.items(), key=lambda kv: (not (kv[1].exitcode == 2 and _said(kv[1])),
+                                                                kv[1].exitcode < 0, kv[0]))
+        if failure.exitcode == 2 and _said(failure):
+            print(f"prefalign: error: {failure.message}", file=sys.stderr)
+        else:
+            print(f"prefalign: error: training process rank {rank} exited with status {failure.exitcode}",
+                  file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    except SignalException as e:  # the workers were given the signal and stopped with a checkpoint
+        return 128 + int(e.sigval)
+    return 0
+
+
+def _said(failure) -> bool:
+    return isinstance(failure.message, str) and failure.error_file_data.get("prefalign") is True
 
 
 def _leave_process_group() -> None:
@@ -97,6 +145,8 @@ def cmd_train(args, base=None):
             result = train.train(cfg)
     finally:
         _leave_process_group()
+    if result.already_finished:
+        return 0  # said so, on one line
     if result.stopped.startswith("signal"):
         # Not 0: a job script must not take an interrupted run for a finished one.
         return 128 + int(signal.Signals[result.stopped.split()[-1]])
@@ -189,6 +239,22 @@ def _extra_commands():
     return found
 
 
+def _report(e: UserError) -> None:
+    """One line on stderr per run. Under --num-processes every rank meets the same bad input and
+    hands its message to the launcher (torch elastic's error file), which prints one of them: a rank
+    printing itself could be cut off by the launcher stopping it, or say it twice with the others.
+    Under another launcher, rank 0 prints."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+
+        with open(error_file, "w") as fh:
+            json.dump({"message": str(e), "timestamp": int(time.time()), "prefalign": True}, fh)
+    if not (error_file and os.environ.get("PREFALIGN_LAUNCHER")) and os.environ.get("RANK", "0") == "0":
+        print(f"prefalign: error: {e}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -198,7 +264,7 @@ def main(argv=None) -> int:
         rc = args.func(args)
         return rc if isinstance(rc, int) else 0
     except UserError as e:
-        print(f"prefalign: error: {e}", file=sys.stderr)
+        _report(e)
         return 2
     except Exception as e:  # permissions, a full disk, a read-only file system, a file where a dir should be
         os_error = os_error_from(e)

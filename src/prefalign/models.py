@@ -194,13 +194,35 @@ def trainable_parameters(model) -> tuple[int, int]:
 
 
 def save_model(model, tokenizer, path: str, merged_path: str | None = None) -> None:
-    """HF format (safetensors): a full model, or a LoRA adapter (+ merged weights on request)."""
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    if merged_path and is_peft(model):
-        import copy
+    """HF format (safetensors): a full model, or a LoRA adapter (+ merged weights on request).
 
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(merged_path, safe_serialization=True)
-        tokenizer.save_pretrained(merged_path)
+    Each directory is written under a temporary name beside it and renamed into place, so `path`
+    always holds a whole model: the previous one or this one (a full disk leaves the previous)."""
+    from prefalign import rundir
+
+    targets = [path] + ([merged_path] if merged_path and is_peft(model) else [])
+    tmps = [os.path.join(os.path.dirname(t) or ".", f"{rundir.TMP}{os.path.basename(t)}-{os.getpid()}")
+            for t in targets]
+    try:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                rundir.remove(tmp)
+        os.makedirs(tmps[0])
+        model.save_pretrained(tmps[0], safe_serialization=True)
+        tokenizer.save_pretrained(tmps[0])
+        if len(tmps) > 1:
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(tmps[1], safe_serialization=True)
+            tokenizer.save_pretrained(tmps[1])
+        for tmp, final in zip(tmps, targets):
+            rundir.follow_umask(tmp)
+            rundir.swap_in(tmp, final)
+    except OSError as e:
+        raise UserError(f"could not save the model to {path}: {e.strerror or e}"
+                        + (f" ({e.filename})" if e.filename else "")) from None
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                rundir.remove(tmp)

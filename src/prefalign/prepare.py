@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefalign import models, reference as refs
+from prefalign import models, reference as refs, rundir
 from prefalign.config import TrainConfig
 from prefalign.data.formats import load_examples, pairs_to_unpaired
 from prefalign.data.tokenize import tokenize_examples
@@ -58,7 +58,7 @@ def load_items(cfg: TrainConfig, tokenizer, path: str, kind: str, rejects_path: 
                                rejects_path=rejects_path)
     skipped = loaded.skipped + result.stats.get("skipped", 0)
     if skipped:
-        log(f"{path}: skipped {skipped} bad rows (written to {rejects_path})")
+        log(f"{path}: skipped {skipped} bad rows (written to {rundir.published(rejects_path)})")
     if result.stats.get("special_text"):
         log(f"{path}: {result.stats['special_text']} rows hold special-token strings (such as '</s>') in their "
             "text; they are tokenized as plain text, not as special tokens")
@@ -130,12 +130,16 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
             models._check_source(cfg.model, "model")
         tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     kind = data_kind(spec)
-    rejects = os.path.join(cfg.output, "rejects.jsonl") if cfg.output else None
+    # Rejects go to a temporary name until the run starts for real (rundir.begin moves them into
+    # place): a resume must not append the same rows again, a failing run not touch the old file.
+    # Rank 0 alone writes them (every rank reads the same rows).
+    lead = cfg.output and (accelerator is None or accelerator.is_main_process)
+    rejects = rundir.staged(cfg.output, "rejects.jsonl") if lead else None
     items, stats = load_items(cfg, tokenizer, cfg.data, kind, rejects, log)
     eval_items = []
     if cfg.eval_data:
         eval_items, _ = load_items(cfg, tokenizer, cfg.eval_data, kind,
-                                   os.path.join(cfg.output, "rejects_eval.jsonl") if cfg.output else None, log)
+                                   rundir.staged(cfg.output, "rejects_eval.jsonl") if lead else None, log)
     if model is None:
         model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, qlora=cfg.qlora,
                                   attention=cfg.attention)

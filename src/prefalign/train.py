@@ -8,9 +8,9 @@ up exactly where the checkpoint left it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from prefalign import checkpoint, fingerprint, monitor, objective, prepare, sharding
+from prefalign import checkpoint, fingerprint, monitor, objective, prepare, rundir, sharding
 from prefalign.config import TrainConfig, to_dict
 from prefalign.errors import UserError
 from prefalign.logprobs import language_model
@@ -36,6 +36,7 @@ class RunResult:
     stopped: str = ""  # why the run stopped early ("" = it finished)
     policy: object = None
     tokenizer: object = None
+    already_finished: bool = False  # --resume found the run finished: nothing was done
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -68,31 +69,23 @@ def total_steps(cfg: TrainConfig, n_items: int, world: int) -> int:
     return cfg.max_steps or max(1, int(cfg.epochs * (n_items // per_step)))
 
 
-def _check_output(cfg: TrainConfig, resuming: bool) -> None:
-    """Never clobber another run: an output dir that holds one needs --resume or --overwrite."""
-    if not cfg.output:
-        raise UserError("no output directory given (--output)")
-    marker = os.path.join(cfg.output, "config.yaml")
-    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
-        raise UserError(f"--output {cfg.output} exists and is not a directory")
-    if os.path.isfile(marker) and not (resuming or cfg.overwrite):
-        raise UserError(f"{cfg.output} already holds a run; use --resume auto to continue it or --overwrite "
-                        f"to replace it")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class _Stop:
-    """SIGINT/SIGTERM ask for a clean stop: the loop finishes its step, saves, and exits.
-    A second signal stops at once (KeyboardInterrupt), for a user who really means it."""
+    """SIGINT/SIGTERM/SIGHUP ask for a clean stop: the loop finishes its step, saves, and exits.
+    A second signal stops at once (KeyboardInterrupt), for a user who really means it.
+    The handlers stay after the loop, so a signal during the final eval and save lets them finish
+    (see train); `train` puts the previous handlers back when it returns."""
 
     def __init__(self):
         self.signal = None
         self.signum = 0
-        self.old = {}
 
     def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             try:
-                self.old[s] = signal.signal(s, self._handle)
+                signal.signal(s, self._handle)
             except ValueError:  # not the main thread
                 pass
         return self
@@ -113,8 +106,19 @@ class _Stop:
         return int(flag.item())
 
     def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
+        pass
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """The signal handlers as they were before the run, once it ends (see _Stop)."""
+    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread / set outside Python
+                signal.signal(s, h)
 
 
 def finite_each(params) -> list[bool]:
@@ -262,13 +266,18 @@ def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params,
 
 
 def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
-    """Run one offline training job described by `cfg`; returns what it logged."""
+    """Run one offline training job described by `cfg`; returns what it logged. It holds the
+    output directory (rundir.claim: locked, checked) from before loading to the end."""
+    with rundir.claim(cfg), _signal_handlers_kept():
+        return _train(cfg, model=model, tokenizer=tokenizer, ref_model=ref_model)
+
+
+def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
     from accelerate import Accelerator
 
     from prefalign import evaluate, report
 
     resuming = bool(cfg.resume)
-    _check_output(cfg, resuming)
     how = sharding.plan(cfg)
     if how is not None:
         sharding.check(cfg)
@@ -280,8 +289,6 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     if how is not None and not dist.is_initialized():
         raise UserError(f"sharding ({how.source}) needs several processes: add --num-processes N, or launch "
                         f"with accelerate launch / torchrun")
-    if rank0:
-        os.makedirs(cfg.output, exist_ok=True)
 
     def say(msg):  # plain lines until the progress bar starts; messages print even under --no-progress
         if rank0:
@@ -308,10 +315,11 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     ckpt_root = os.path.join(cfg.output, "checkpoints")
 
-    start, trainer_state, changes = 0, {}, {}
+    start, trainer_state, changes, path = 0, {}, {}, None
     if resuming:
         path = checkpoint.find_resume(ckpt_root, cfg.resume, warn=say)
         if path is None:
+            rundir.check_nothing_finished(cfg)
             say(f"no valid checkpoint in {ckpt_root}; starting from step 0")
         else:
             weights, optim_state, sched_state, state = checkpoint.read(path)
@@ -327,12 +335,16 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
                 fingerprint.apply_optimizer_settings(opt, sched, cfg)
             start = trainer_state["step"]
             s.loss_state.update(trainer_state.get("loss_state", {}))
+            if rundir.nothing_left(start, total, trainer_state.get("finished", False)):
+                say(f"{cfg.output}: the run already finished at step {start}; nothing to do (to train it "
+                    f"further: --resume auto --max-steps N, N > {start})")
+                return RunResult(cfg.output, start, already_finished=True)
             say(f"resumed from {path} (step {start})")
-    elif rank0 and os.path.isdir(ckpt_root):
-        # --overwrite: the old run's checkpoints must go, or a later --resume auto would continue
-        # the old run. Only now, after the new run's data and model loaded without error.
-        shutil.rmtree(ckpt_root)
     if rank0:
+        # Only now, after the new run's data and model loaded without error: a fresh start (--overwrite)
+        # drops the old run's outputs, or a later --resume auto would continue the OLD run.
+        rundir.begin(cfg.output, replace=path is None or os.path.dirname(os.path.realpath(path))
+                     != os.path.realpath(ckpt_root))
         fingerprint.write_config(cfg.output, to_dict(cfg), fingerprint.history(cfg.output) if resuming else [],
                                  start, changes)
     log = MetricsLog(cfg.output, rank0, cfg.tensorboard, resume_step=start if resuming else None)
@@ -348,7 +360,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
     history, stopped, nonfinite, done = [], "", trainer_state.get("nonfinite_in_row", 0), start
     skipped_steps = trainer_state.get("skipped_steps", 0)
 
-    def save(step):
+    def save(step, **extra):
         if sharded:  # gathering is a collective: every rank takes part, rank 0 writes
             weights, optim_state = sharding.full_weights(s.policy), sharding.full_optimizer_state(s.policy, opt)
         elif rank0:
@@ -356,7 +368,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         if rank0:
             checkpoint.save(ckpt_root, step, weights, optim_state, sched,
                             {"monitor": mon and mon.state(), "nonfinite_in_row": nonfinite,
-                             "skipped_steps": skipped_steps, "loss_state": s.loss_state, "fingerprint": run_fp},
+                             "skipped_steps": skipped_steps, "loss_state": s.loss_state, "fingerprint": run_fp,
+                             **extra},
                             cfg.keep_checkpoints)
         if world > 1:
             dist.barrier()
@@ -422,8 +435,6 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         final_eval = evaluate.pair_metrics(s, cfg, ac)
         log.write({"step": done, **{f"eval/{k}": v for k, v in final_eval.items()}})
     log.close()
-    if cfg.save_every and not stopped:
-        save(done)
     final = lm
     # A both-drop stop keeps its model: the user stopped a run that was going wrong, not a broken one.
     keep_model = not stopped or stopped == "both-drop alarm"
@@ -437,7 +448,16 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
             save_model(final, s.tokenizer, os.path.join(cfg.output, "model"),
                        os.path.join(cfg.output, "merged") if cfg.merge_lora else None)
         report.plot_training(cfg.output)
-    if stopped.startswith(("signal", "both")):
+    if not stopped:
+        # Last, so a checkpoint marked finished means the model above is complete. It is what
+        # --resume auto --max-steps N continues from (--save-every 0 = "only at the end").
+        save(done, finished=True)
+        late = stop.agreed(device, world)
+        if late:  # the handlers kept the signal from cutting the eval or the save short
+            stopped = f"signal {signal.Signals(late).name}"
+            console.say(f"{stopped} during the final save; the save completed (model and checkpoint at "
+                        f"step {done}); exiting with status {128 + late}")
+    elif stopped.startswith(("signal", "both")):
         console.say(f"stopped at step {done}: {stopped}; checkpoint saved in {ckpt_root}"
                     + (", model in " + os.path.join(cfg.output, "model") if keep_model and cfg.save_model else "")
                     + ", continue with --resume auto")
@@ -445,7 +465,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         kept = f", the last good checkpoint is kept in {ckpt_root}" if checkpoint.list_checkpoints(ckpt_root) else ""
         raise UserError(f"step {done}: the update made the weights non-finite (NaN or inf); no model written{kept}. "
                         f"Check --lr, --max-grad-norm, --weight-decay and the Adam betas")
-    elif stopped:
+    else:
         raise UserError(f"stopped after {stopped} (step {done}); checkpoint saved in {ckpt_root}. "
                         f"Check the data rows logged above, lower --lr, or use --precision fp32")
     return RunResult(cfg.output, done, history, final_eval, stopped, final, s.tokenizer)
