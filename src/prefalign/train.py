@@ -215,8 +215,9 @@ def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params,
     processes and clipped; returns the step's metrics (global means) and the gradient norm.
     `sharded`: FSDP averages the gradients itself (reduce-scatter in each backward)."""
     per_micro, per_step = cfg.batch_size, len(step_items)
-    # SFT normalises by completion tokens in the whole step; the others by examples.
-    denom = (sum(len(i.completion_ids) + 1 for i in step_items) if s.spec is None else per_step) / world
+    # SFT normalises by the scored completion tokens of the whole step (as evaluation does);
+    # the others by examples.
+    denom = (objective.scored_tokens(step_items) if s.spec is None else per_step) / world
     sums: dict = {}
     loss_value = 0.0
     kto = s.spec is not None and s.spec.kind == "unpaired"
