@@ -226,6 +226,47 @@ def test_orpo_token_weighted_nll():
     torch.testing.assert_close(_grad(ours, psums), _grad(trl, psums))
 
 
+def test_orpo_nll_over_prompt_and_completion_is_trls_orpo():
+    """nll_tokens=all, nll_reduction=token (TRL's ORPOTrainer): the NLL is one cross-entropy over
+    every token of prompt + chosen (all but the first), token-weighted over the batch."""
+    from types import SimpleNamespace
+
+    from tiny import make_model
+
+    torch.manual_seed(0)
+    model = make_model("llama", seed=0)
+    items = [SimpleNamespace(prompt_ids=[5, 9, 13], chosen_ids=[20, 21, 2], rejected_ids=[30, 2]),
+             SimpleNamespace(prompt_ids=[7, 8, 9, 10, 11], chosen_ids=[22, 2], rejected_ids=[31, 32, 33, 2])]
+    cfg = _cfg(loss="orpo", loss_params={"nll_tokens": "all", "nll_reduction": "token"})
+    plan = objective.loss_plan(cfg)
+    assert plan.needs_prompt_logps
+    kw = dict(pad_id=0, packing=False, token_budget=0, chunk_size=0)
+
+    def ours():
+        pol = objective.pair_logps(model, items, **kw)
+        return objective.paired_loss(plan, cfg, pol, None, None, objective.prompt_logps(model, items, **kw))[0] / 2
+
+    def trl():
+        nll, n, avg = 0.0, 0, {}
+        for side in ("chosen", "rejected"):
+            avg[side] = []
+            for it in items:
+                ids = torch.tensor([it.prompt_ids + getattr(it, side + "_ids")])
+                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+                comp = logp[len(it.prompt_ids) - 1:]
+                avg[side].append(comp.mean())
+                if side == "chosen":
+                    nll, n = nll - logp.sum(), n + len(logp)
+        w, l = torch.stack(avg["chosen"]), torch.stack(avg["rejected"])
+        odds = (w - torch.log1p(-torch.exp(w))) - (l - torch.log1p(-torch.exp(l)))
+        return nll / n - 0.1 * F.logsigmoid(odds).mean()
+
+    torch.testing.assert_close(ours(), trl(), rtol=1e-5, atol=1e-6)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(ours(), params), torch.autograd.grad(trl(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("running", [True, False])
 def test_bco_pair_running_delta_and_trls_none(running):
     """running_delta (default): delta = the mean reward seen so far; false: TRL 1.16, delta = 0."""

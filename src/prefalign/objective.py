@@ -83,6 +83,11 @@ class LossPlan:
         """The first preference term's spec (the loss itself for a single loss)."""
         return next(get_loss(t) for t in self.weights if t != SFT)
 
+    @property
+    def needs_prompt_logps(self) -> bool:
+        """Whether a term scores the prompts too (ORPO with nll_tokens=all, as TRL)."""
+        return any(p.get("nll_tokens") == "all" for p in self.params.values())
+
     def build(self, extra: dict | None = None) -> CombinedLoss:
         """The weighted sum; ``extra``: term -> state arguments for this call (bco's delta)."""
         extra = extra or {}
@@ -164,15 +169,19 @@ def _bco_deltas(plan: LossPlan, state: dict | None, device) -> dict:
     return {"bco_pair": {"delta": torch.tensor(state["reward_sum"] / seen if seen else 0.0, device=device)}}
 
 
-def paired_loss(plan: LossPlan, cfg, policy: PairLogps, ref: PairLogps | None, state: dict | None = None):
+def paired_loss(plan: LossPlan, cfg, policy: PairLogps, ref: PairLogps | None, state: dict | None = None,
+                prompt: logprobs.SeqLogps | None = None):
     """(loss sum over the micro-batch, metric sums) for a paired loss or combination.
 
     `state` carries what a loss keeps across steps: bco_pair's running mean reward delta
-    (the mean of all chosen and rejected rewards seen so far, as in the BCO paper)."""
+    (the mean of all chosen and rejected rewards seen so far, as in the BCO paper).
+    `prompt`: the policy's log-probs of the prompts (`prompt_logps`), when the plan needs them."""
     pc_mean = policy.chosen / policy.chosen_count
     pr_mean = policy.rejected / policy.rejected_count
     inputs = {"policy_chosen": policy.chosen, "policy_rejected": policy.rejected, "policy_chosen_avg": pc_mean,
               "policy_rejected_avg": pr_mean, "chosen_count": policy.chosen_count}
+    if prompt is not None:
+        inputs.update({"prompt_logps": prompt.sum, "prompt_count": prompt.count})
     if ref is not None:
         inputs.update({"ref_chosen": ref.chosen, "ref_rejected": ref.rejected,
                        "ref_chosen_avg": ref.chosen / ref.chosen_count,
@@ -230,6 +239,12 @@ def kto_loss(plan: LossPlan, cfg, policy: logprobs.SeqLogps, ref: logprobs.SeqLo
         "logps/rejected": (policy.sum.detach() * (1 - d)).sum(),
     }
     return loss, m
+
+
+def prompt_logps(model, items, **kw) -> logprobs.SeqLogps:
+    """log pi(prompt[1:] | prompt[0]) of each item: the prompt tokens an NLL over the whole
+    sequence scores besides the completion's (TRL's ORPO NLL)."""
+    return completion_logps(model, [i.prompt_ids[:1] for i in items], [i.prompt_ids[1:] for i in items], **kw)
 
 
 def scored_tokens(items) -> int:

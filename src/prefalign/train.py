@@ -160,9 +160,10 @@ def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac, kl: torch.Tensor |
     ref = s.reference.pair_logps(items)
     with ac():
         pol = objective.pair_logps(s.policy, items, **kw)
+        prompt = objective.prompt_logps(s.policy, items, **kw) if s.spec.needs_prompt_logps else None
     if ref is not None:
         ref = objective.PairLogps(*(t.to(pol.chosen.device) for t in ref))
-    return objective.paired_loss(s.spec, cfg, pol, ref, s.loss_state)
+    return objective.paired_loss(s.spec, cfg, pol, ref, s.loss_state, prompt)
 
 
 def kto_kl(s: prepare.Setup, cfg: TrainConfig, items, ac, rank: int, world: int) -> torch.Tensor:

@@ -78,8 +78,10 @@ _STATE_ARGS = frozenset({"delta"})
 #   running_delta:   bco_pair's delta = running mean reward (the BCO paper); false: 0 (TRL 1.16)
 #   nll_reduction:   the chosen NLL as the mean of per-pair token means ("pair") or one
 #                    token-weighted mean over the micro-batch ("token", TRL)
+#   nll_tokens:      ORPO's NLL over the completion ("completion") or prompt + completion
+#                    ("all", TRL's ORPOTrainer; the trainer then scores the prompts too)
 _NLL = {"nll_reduction": "pair"}
-CHOICES = {"nll_reduction": ("pair", "token")}
+CHOICES = {"nll_reduction": ("pair", "token"), "nll_tokens": ("completion", "all")}
 
 
 def _spec(fn, kind="paired", needs_reference=True, inputs="sum", options=None, nll_weight=0.0) -> LossSpec:
@@ -113,7 +115,8 @@ LOSSES: dict[str, LossSpec] = {
     "bco_pair": _spec(pairwise.bco_pair, options={"running_delta": True}),
     "simpo": _spec(pairwise.simpo, needs_reference=False, inputs="mean"),
     # ORPO = chosen NLL + the odds-ratio term pairwise.orpo computes.
-    "orpo": _spec(pairwise.orpo, needs_reference=False, inputs="mean", options=_NLL, nll_weight=1.0),
+    "orpo": _spec(pairwise.orpo, needs_reference=False, inputs="mean",
+                  options={**_NLL, "nll_tokens": "completion"}, nll_weight=1.0),
     "kto": _spec(unpaired.kto, kind="unpaired"),
 }
 
@@ -128,7 +131,12 @@ SFT_PARAMS = dict(_NLL)  # what the "sft" term of a combination accepts
 _SUM_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 _MEAN_KEYS = ("policy_chosen_avg", "policy_rejected_avg", "ref_chosen_avg", "ref_rejected_avg")
 _UNPAIRED_KEYS = ("policy_logps", "ref_logps", "desirable", "kl")
-_NLL_KEYS = {"pair": ("policy_chosen_avg",), "token": ("policy_chosen", "chosen_count")}
+
+
+def _nll_keys(params: Mapping[str, Any]) -> tuple[str, ...]:
+    if params.get("nll_tokens", "completion") == "all":
+        return ("policy_chosen", "chosen_count", "prompt_logps", "prompt_count")
+    return ("policy_chosen_avg",) if params["nll_reduction"] == "pair" else ("policy_chosen", "chosen_count")
 
 
 def input_keys(spec: LossSpec, params: Mapping[str, Any] | None = None) -> tuple[str, ...]:
@@ -141,18 +149,24 @@ def input_keys(spec: LossSpec, params: Mapping[str, Any] | None = None) -> tuple
     return keys if spec.needs_reference else keys[:2]
 
 
-def chosen_nll(inputs: Mapping[str, Tensor], reduction: str = "pair") -> Tensor:
+def chosen_nll(inputs: Mapping[str, Tensor], reduction: str = "pair", tokens: str = "completion") -> Tensor:
     """[B] chosen NLL terms whose mean over the batch is the NLL of the convention:
 
         pair:  mean_i (-logp_i / n_i)                    (each pair weighs the same)
         token: sum_i (-logp_i) / sum_i n_i  (TRL)        (each token weighs the same)
 
     "token" is spread over the rows as -logp_i * B / sum n, so a sum over rows divided by
-    B (what the trainer does) is that token-weighted mean."""
-    if reduction == "pair":
+    B (what the trainer does) is that token-weighted mean. tokens "all": logp_i and n_i
+    also count the prompt's tokens (all but its first, which nothing predicts)."""
+    if tokens == "completion" and reduction == "pair":
         return -inputs["policy_chosen_avg"]
-    counts = inputs["chosen_count"].to(inputs["policy_chosen"].dtype)
-    return -inputs["policy_chosen"] * (counts.numel() / counts.sum())
+    logp, counts = inputs["policy_chosen"], inputs["chosen_count"]
+    if tokens == "all":
+        logp, counts = logp + inputs["prompt_logps"], counts + inputs["prompt_count"]
+    counts = counts.to(logp.dtype)
+    if reduction == "pair":
+        return -logp / counts
+    return -logp * (counts.numel() / counts.sum())
 
 
 def get_loss(name: str) -> LossSpec:
@@ -216,17 +230,21 @@ class CombinedLoss:
         rewards = None
         for _name, weight, spec, params in self.terms:
             if spec is None:  # sft: the chosen NLL
-                losses = chosen_nll(inputs, params["nll_reduction"])
+                losses = _nll_term(inputs, params)
             else:
                 kwargs = {k: v for k, v in params.items() if k not in spec.options}
                 out = spec.fn(*(inputs[k] for k in input_keys(spec, params)), **kwargs)
                 losses = out.losses
                 if spec.nll_weight:
-                    losses = losses + spec.nll_weight * chosen_nll(inputs, params["nll_reduction"])
+                    losses = losses + spec.nll_weight * _nll_term(inputs, params)
                 if rewards is None:  # the first preference term's rewards are reported
                     rewards = _sum_rewards(spec, params, inputs, out)
             total = weight * losses if total is None else total + weight * losses
         return LossOutput(total, *rewards)
+
+
+def _nll_term(inputs: Mapping[str, Tensor], params: Mapping[str, Any]) -> Tensor:
+    return chosen_nll(inputs, params["nll_reduction"], params.get("nll_tokens", "completion"))
 
 
 def _sum_rewards(spec: LossSpec, params: Mapping, inputs: Mapping[str, Tensor], out: LossOutput):
@@ -242,7 +260,7 @@ def _sum_rewards(spec: LossSpec, params: Mapping, inputs: Mapping[str, Tensor], 
 def _term_keys(spec: LossSpec, params: Mapping) -> set[str]:
     keys = set(input_keys(spec, params))
     if spec.nll_weight:
-        keys.update(_NLL_KEYS[params["nll_reduction"]])
+        keys.update(_nll_keys(params))
     if spec.needs_reference and params.get("average_logps"):
         keys.update(_SUM_KEYS)  # for the rewards
     return keys
@@ -279,7 +297,7 @@ def combined(
         if name == SFT:
             full = check_params(SFT, SFT_PARAMS, params.get(SFT, {}))
             terms.append((SFT, float(weight), None, full))
-            required.update(_NLL_KEYS[full["nll_reduction"]])
+            required.update(_nll_keys(full))
             continue
         try:
             spec = get_loss(name)
