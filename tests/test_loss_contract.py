@@ -152,6 +152,11 @@ def test_combination_end_to_end_from_yaml(tmp_path, run_files):  # noqa: F811
         batch_size=8, max_length=64, progress=False, save_model=False)})
     rec = train.train(cfg).history[0]
     assert rec["loss"] == pytest.approx(3 * LN2 + 0.5 * rec["nll/chosen"], rel=1e-5)
+    # config.yaml records every parameter the terms ran with, and reads back as the same loss
+    saved = config.load_yaml(str(tmp_path / "r" / "config.yaml"))
+    assert saved["loss_params"]["sigmoid.beta"] == 0.1 and saved["loss_params"]["bco_pair.running_delta"] is True
+    again = objective.loss_plan(config.build({k: v for k, v in saved.items()}))
+    assert again.params == objective.loss_plan(cfg).params and again.weights == {"sigmoid": 1, "bco_pair": 1, "sft": 0.5}
 
 
 # ------------------------------------------------------- TRL conventions vs TRL's formulas

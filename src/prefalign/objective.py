@@ -161,6 +161,17 @@ def loss_plan(cfg) -> LossPlan | None:
     return LossPlan(cfg.loss, weights, full, "paired", fn.needs_reference)
 
 
+def record_loss_params(values: dict, plan: LossPlan | None) -> dict:
+    """`values` (a config as a dict) with loss_params holding every parameter the loss runs
+    with, defaults included (LOSS.KEY in a combination): the run's config.yaml says what ran
+    and, read back with --config, runs it again."""
+    if plan is None:
+        return values
+    single = len(plan.params) == 1
+    flat = {(k if single else f"{t}.{k}"): v for t, p in plan.params.items() for k, v in p.items()}
+    return {**values, "loss_params": flat}
+
+
 def _bco_deltas(plan: LossPlan, state: dict | None, device) -> dict:
     """bco_pair's delta from the running mean reward kept in `state` (with running_delta)."""
     if state is None or not plan.params.get("bco_pair", {}).get("running_delta"):

@@ -315,7 +315,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
         import yaml
 
         with open(os.path.join(cfg.output, "config.yaml"), "w") as fh:
-            yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+            yaml.safe_dump(objective.record_loss_params(to_dict(cfg), s.spec), fh, sort_keys=False)
     log = MetricsLog(cfg.output, rank0, cfg.tensorboard, resume_step=start if resuming else None)
     alarm = BothDropAlarm(cfg.both_drop_threshold, trainer_state.get("alarm"))
     console = Console(total, cfg.progress and rank0, start, messages=rank0)
