@@ -27,11 +27,19 @@ def _spy(monkeypatch, name):
     calls = []
 
     def spy(*args, **kwargs):
-        calls.append(kwargs)
+        calls.append({**kwargs, "_rows": len(args[0])})
         return spec.fn(*args, **kwargs)
 
     monkeypatch.setitem(LOSSES, name, dataclasses.replace(spec, fn=spy))
     return calls
+
+
+def _kwargs(calls):
+    """The one set of keyword arguments every call got (the config check's dry run and the
+    training steps alike), without bco's state `delta`."""
+    seen = [{k: v for k, v in c.items() if k not in ("delta", "_rows")} for c in calls]
+    assert seen and all(c == seen[0] for c in seen), seen
+    return seen[0]
 
 
 def _pair_logps(seed, B=4, requires_grad=False):
@@ -68,18 +76,16 @@ def _run_loss(cfg, state=None, seed=0):
 def test_trainer_passes_exactly_the_losss_defaults(monkeypatch, name):
     calls = _spy(monkeypatch, name)
     _run_loss(_cfg(loss=name), state={})
-    assert len(calls) == 1
-    got = {k: v for k, v in calls[0].items() if k != "delta"}  # delta: bco's state, not a parameter
-    assert got == LOSSES[name].defaults
+    assert _kwargs(calls) == LOSSES[name].defaults
 
 
 def test_set_values_and_loss_params_reach_the_loss_and_nothing_else(monkeypatch):
     calls = _spy(monkeypatch, "discopop")
     _run_loss(_cfg(loss="discopop", beta=0.3, loss_params={"discopop_tau": 0.2}))
-    assert calls == [{"beta": 0.3, "discopop_tau": 0.2}]
+    assert _kwargs(calls) == {"beta": 0.3, "discopop_tau": 0.2}
     calls = _spy(monkeypatch, "kto")
     _run_loss(_cfg(loss="kto", loss_params={"desirable_weight": 2}))
-    assert calls == [{"beta": 0.1, "desirable_weight": 2.0, "undesirable_weight": 1.0}]
+    assert _kwargs(calls) == {"beta": 0.1, "desirable_weight": 2.0, "undesirable_weight": 1.0}
 
 
 def test_simpo_through_the_cli_gets_its_own_beta(monkeypatch, run_files, tmp_path, capsys):  # noqa: F811
@@ -90,7 +96,8 @@ def test_simpo_through_the_cli_gets_its_own_beta(monkeypatch, run_files, tmp_pat
             "--loss", "simpo", "--max-steps", "1", "--batch-size", "16", "--max-length", "64", "--no-progress",
             "--no-save-model", "--no-packing", "--lr", "1e-3"]
     assert main(args) == 0
-    assert calls == [{"beta": 2.0, "gamma": 0.5}]
+    assert _kwargs(calls) == {"beta": 2.0, "gamma": 0.5}
+    assert any(c["_rows"] == 16 for c in calls)  # the training step's call, not only the config check
     main(["losses"])
     assert "simpo" in capsys.readouterr().out.split("beta=2.0")[0].splitlines()[-1]
 
@@ -103,7 +110,7 @@ def test_loss_params_from_yaml_and_flags_merge(monkeypatch, tmp_path, run_files)
             "--data", run_files["data"], "--output", str(tmp_path / "r"), "--max-steps", "1", "--batch-size", "4",
             "--max-length", "64", "--no-progress", "--no-save-model"]
     assert main(args) == 0
-    assert calls[0] == {"beta": 0.4, "discopop_tau": 0.07}
+    assert _kwargs(calls) == {"beta": 0.4, "discopop_tau": 0.07}
 
 
 @pytest.mark.parametrize("extra,words", [
@@ -117,6 +124,7 @@ def test_loss_params_from_yaml_and_flags_merge(monkeypatch, tmp_path, run_files)
     (["--loss", "dpo,sft", "--rpo-alpha", "1"], ["rpo_alpha"]),
     (["--loss", "dpo", "--loss-param", "beta"], ["KEY=VALUE"]),
     (["--loss", "sft", "--beta", "0.2"], ["sft takes no loss parameters"]),
+    (["--loss", "robust", "--loss-param", "label_smoothing=0.7"], ["robust needs 0 <= label_smoothing < 0.5"]),
 ])
 def test_bad_loss_settings_are_one_line_errors(tmp_path, capsys, extra, words):
     rc = main(["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "r"), *extra])

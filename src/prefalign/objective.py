@@ -154,11 +154,23 @@ def loss_plan(cfg) -> LossPlan | None:
         if len(weights) > 1:
             raise UserError(f"config: {unpaired[0]} is unpaired and cannot be combined with other losses")
         spec = get_loss(unpaired[0])
-        return LossPlan(cfg.loss, weights, {unpaired[0]: check_params(unpaired[0], spec.params, per_term[unpaired[0]])},
-                        "unpaired", spec.needs_reference)
+        params = check_params(unpaired[0], spec.params, per_term[unpaired[0]])
+        one = torch.full((1,), -1.0)
+        _dry_run(cfg.loss, lambda: spec.fn(one, one, torch.tensor([True]), 0.0, **params))
+        return LossPlan(cfg.loss, weights, {unpaired[0]: params}, "unpaired", spec.needs_reference)
     fn = combined(weights, per_term)  # checks names and parameters
+    _dry_run(cfg.loss, lambda: fn({k: torch.full((1,), -1.0) for k in fn.required}))
     full = {name: params for name, _, _, params in fn.terms}
     return LossPlan(cfg.loss, weights, full, "paired", fn.needs_reference)
+
+
+def _dry_run(name: str, call) -> None:
+    """Call the loss once on a dummy row, so a value it refuses (robust's label_smoothing >=
+    0.5, ...) is a config error now rather than a traceback at the first step."""
+    try:
+        call()
+    except ValueError as e:
+        raise UserError(f"config: loss {name}: {e}") from None
 
 
 def record_loss_params(values: dict, plan: LossPlan | None) -> dict:
