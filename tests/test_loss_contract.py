@@ -330,3 +330,23 @@ def test_progress_line_keeps_full_names_and_shows_a_dash_for_missing_values():
     assert line == "loss 0.5  rewards/margins -  logps/chosen -  logratio/pairs -  kl 0.01"
     line = progress_info({"logratio/pairs": -0.25, "rewards/accuracies": 1}, ("rewards/accuracies", "logratio/pairs"))
     assert line == "rewards/accuracies 1  logratio/pairs -0.25"
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_prompt_bos_always_is_trls_cpo_orpo_tokenization(tmp_path, add_bos):
+    """TRL's CPO/ORPO insert bos_token_id in front of a prompt that does not start with it; the
+    default keeps the tokenizer's own (which adds none when add_bos is False)."""
+    from tiny import BOS_ID, make_tokenizer
+
+    tok = make_tokenizer(add_bos=add_bos)
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "the sky ?", "chosen": " blue sea", "rejected": " no"}\n')
+    items = {}
+    for bos in ("tokenizer", "always"):
+        cfg = _cfg(loss="orpo", data=str(data), max_length=64, loss_params={"prompt_bos": bos})
+        items[bos] = prepare.load_items(cfg, tok, str(data), "paired", None, log=lambda m: None)[0][0]
+    plain = items["tokenizer"]
+    trl_prompt = plain.prompt_ids if plain.prompt_ids[:1] == [BOS_ID] else [BOS_ID] + plain.prompt_ids
+    assert items["always"].prompt_ids == trl_prompt
+    assert (items["always"].chosen_ids, items["always"].rejected_ids) == (plain.chosen_ids, plain.rejected_ids)
+    assert (plain.prompt_ids[:1] == [BOS_ID]) == add_bos

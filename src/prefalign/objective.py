@@ -88,6 +88,11 @@ class LossPlan:
         """Whether a term scores the prompts too (ORPO with nll_tokens=all, as TRL)."""
         return any(p.get("nll_tokens") == "all" for p in self.params.values())
 
+    @property
+    def prepend_bos(self) -> bool:
+        """Whether the data gets a BOS in front of every prompt (prompt_bos=always, TRL's CPO/ORPO)."""
+        return any(p.get("prompt_bos") == "always" for p in self.params.values())
+
     def build(self, extra: dict | None = None) -> CombinedLoss:
         """The weighted sum; ``extra``: term -> state arguments for this call (bco's delta)."""
         extra = extra or {}
@@ -245,8 +250,8 @@ def _reward_metrics(chosen_rewards, rejected_rewards) -> dict:
 def kto_loss(plan: LossPlan, cfg, policy: logprobs.SeqLogps, ref: logprobs.SeqLogps, desirable: torch.Tensor,
              kl: torch.Tensor):
     """(loss sum, metric sums) for KTO on unpaired rows with their KL baseline."""
-    spec = plan.spec
-    out = spec.fn(policy.sum, ref.sum, desirable, kl, **plan.params[spec.name])
+    (params,) = plan.params.values()  # an unpaired loss is never combined
+    out = plan.spec.fn(policy.sum, ref.sum, desirable, kl, **params)
     loss = out.losses.sum()
     d = desirable.float()
     m = {

@@ -53,9 +53,10 @@ def load_items(cfg: TrainConfig, tokenizer, path: str, kind: str, rejects_path: 
         if loaded.kind == "paired":
             examples = pairs_to_unpaired(examples)
         examples = [e for e in examples if e.label]  # SFT imitates the good side only
+    plan = loss_plan(cfg)
     result = tokenize_examples(examples, tokenizer, max_length=cfg.max_length,
                                max_prompt_length=max_prompt_length(cfg), on_bad_row=cfg.on_bad_row,
-                               rejects_path=rejects_path)
+                               rejects_path=rejects_path, prepend_bos=plan is not None and plan.prepend_bos)
     skipped = loaded.skipped + result.stats.get("skipped", 0)
     if skipped:
         log(f"{path}: skipped {skipped} bad rows (written to {rejects_path})")

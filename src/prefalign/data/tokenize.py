@@ -80,8 +80,8 @@ class TokenizeResult(NamedTuple):
 class _Encoder:
     """The tokenizer plus what we learned about it once: its leading special tokens, BOS, EOS."""
 
-    def __init__(self, tokenizer, allow_boundary_mismatch: bool):
-        self.tok, self.allow_mismatch = tokenizer, allow_boundary_mismatch
+    def __init__(self, tokenizer, allow_boundary_mismatch: bool, prepend_bos: bool = False):
+        self.tok, self.allow_mismatch, self.prepend_bos = tokenizer, allow_boundary_mismatch, prepend_bos
         self.deduplicated = False  # set by encode when it drops a doubled BOS
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         # Which tokens does the tokenizer add in front of a text? Compare with and without specials.
@@ -94,6 +94,8 @@ class _Encoder:
         ids = (self.lead if lead else []) + self.tok(text, add_special_tokens=False)["input_ids"]
         if self.bos is not None and ids[:2] == [self.bos, self.bos]:
             ids, self.deduplicated = ids[1:], True
+        if self.prepend_bos and self.bos is not None and ids[:1] != [self.bos]:
+            ids = [self.bos] + ids  # TRL's CPO/ORPO: every sequence starts with BOS
         return ids
 
     def render(self, messages: list[dict], generation_prompt: bool, name: str) -> str:
@@ -167,7 +169,7 @@ def _truncate(prompt: list[int], completions: dict, max_length: int, max_prompt_
 
 def tokenize_examples(examples, tokenizer, max_length: int, max_prompt_length: int | None = None,
                       on_bad_row: str = "error", rejects_path=None,
-                      allow_boundary_mismatch: bool = False) -> TokenizeResult:
+                      allow_boundary_mismatch: bool = False, prepend_bos: bool = False) -> TokenizeResult:
     """Tokenize PairExample / UnpairedExample / PromptExample into TokenizedPair / TokenizedUnpaired /
     TokenizedPrompt, in order, by the boundary and truncation rules of the module docstring.
 
@@ -186,7 +188,7 @@ def tokenize_examples(examples, tokenizer, max_length: int, max_prompt_length: i
 
     stats = dict(rows=len(examples), kept=0, skipped=0, truncated=0, boundary_mismatch=0,
                  eos_appended=0, bos_deduplicated=0)
-    enc = _Encoder(tokenizer, allow_boundary_mismatch)
+    enc = _Encoder(tokenizer, allow_boundary_mismatch, prepend_bos)
     rejects = RejectsWriter(rejects_path)
     items = []
     for ex in examples:

@@ -5,8 +5,9 @@ rejected_rewards)`` (see ``pairwise`` and ``unpaired`` for the formulas). ``LOSS
 describes how to call each one (``LossSpec``); ``get_loss`` looks one up by name, with a
 "did you mean" for typos; ``combined`` builds a weighted sum such as RPO (dpo + sft).
 
-Calling a spec: ``spec.fn(*(inputs[k] for k in input_keys(spec)), **hyper)`` where the
-input keys are
+Calling a spec: ``spec.fn(*(inputs[k] for k in input_keys(spec)), **hyper)`` where
+``hyper`` holds ``spec.defaults`` keys only (``spec.options`` are applied around the call,
+see ``CombinedLoss``), and the input keys are
 
     paired, inputs "sum":   policy_chosen, policy_rejected[, ref_chosen, ref_rejected]
     paired, inputs "mean":  policy_chosen_avg, policy_rejected_avg[, ref_..._avg]
@@ -80,8 +81,12 @@ _STATE_ARGS = frozenset({"delta"})
 #                    token-weighted mean over the micro-batch ("token", TRL)
 #   nll_tokens:      ORPO's NLL over the completion ("completion") or prompt + completion
 #                    ("all", TRL's ORPOTrainer; the trainer then scores the prompts too)
+#   prompt_bos:      the tokenizer's own BOS ("tokenizer") or a BOS in front of every prompt
+#                    that lacks one ("always", TRL's CPOTrainer/ORPOTrainer)
 _NLL = {"nll_reduction": "pair"}
-CHOICES = {"nll_reduction": ("pair", "token"), "nll_tokens": ("completion", "all")}
+_BOS = {"prompt_bos": "tokenizer"}
+CHOICES = {"nll_reduction": ("pair", "token"), "nll_tokens": ("completion", "all"),
+           "prompt_bos": ("tokenizer", "always")}
 
 
 def _spec(fn, kind="paired", needs_reference=True, inputs="sum", options=None, nll_weight=0.0) -> LossSpec:
@@ -113,10 +118,10 @@ LOSSES: dict[str, LossSpec] = {
     **{fn.__name__: _spec(fn) for fn in _REFERENCE_PAIRED},
     "ipo": _spec(pairwise.ipo, options={"average_logps": False}),
     "bco_pair": _spec(pairwise.bco_pair, options={"running_delta": True}),
-    "simpo": _spec(pairwise.simpo, needs_reference=False, inputs="mean"),
+    "simpo": _spec(pairwise.simpo, needs_reference=False, inputs="mean", options=_BOS),
     # ORPO = chosen NLL + the odds-ratio term pairwise.orpo computes.
     "orpo": _spec(pairwise.orpo, needs_reference=False, inputs="mean",
-                  options={**_NLL, "nll_tokens": "completion"}, nll_weight=1.0),
+                  options={**_NLL, "nll_tokens": "completion", **_BOS}, nll_weight=1.0),
     "kto": _spec(unpaired.kto, kind="unpaired"),
 }
 
