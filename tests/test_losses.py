@@ -490,7 +490,7 @@ def test_combined_mixes_sum_and_mean_losses():
         ({"kto": 1.0}, None, "unpaired"),
         ({"sft": 1.0}, None, "at least one preference loss"),
         ({}, None, "at least one"),
-        ({"dpo": 1.0}, {"dpo": {"gamma": 1.0}}, "no option"),
+        ({"dpo": 1.0}, {"dpo": {"gamma": 1.0}}, "no parameter .gamma.; its parameters: beta, label_smoothing"),
         ({"dpo": 1.0}, {"ipo": {"beta": 1.0}}, "no weight"),
     ],
 )

@@ -93,7 +93,7 @@ def test_step1_is_before_the_first_update(run_files, tmp_path):
     assert r.history[1]["rewards/margins"] != pytest.approx(0, abs=1e-7)
     lines = [json.loads(x) for x in open(tmp_path / "o" / "metrics.jsonl")]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "logps/chosen_mean", "kl/pairs", "grad_norm", "lr",
+                "logps/chosen", "logps/rejected", "logps/chosen_mean", "logratio/pairs", "grad_norm", "lr",
                 "pairs_per_s", "tokens_per_s", "peak_memory_mb"):
         assert key in lines[0], key
     assert (tmp_path / "o" / "plots" / "loss.png").exists()

@@ -168,14 +168,21 @@ def cmd_sft(args):
 
 
 def cmd_losses(args):
-    from prefalign.losses import ALIASES, LOSSES
+    """Each loss with the parameters `train` passes it when none is set (its own defaults)."""
+    from prefalign.losses import ALIASES, LOSSES, SFT, SFT_PARAMS
 
     for name, spec in sorted(LOSSES.items()):
         if name in ALIASES:
             print(f"{name:12s} (another name for {ALIASES[name]})")
             continue
         ref = "reference" if spec.needs_reference else "no reference"
-        print(f"{name:12s} {spec.kind:8s} {ref:13s} inputs={spec.inputs}  {spec.defaults}")
+        extra = f" + {spec.nll_weight:g} x chosen NLL" if spec.nll_weight else ""
+        params = "  ".join(f"{k}={v!r}" for k, v in spec.params.items())
+        print(f"{name:12s} {spec.kind:8s} {ref:13s} inputs={spec.inputs}{extra}  {params}")
+    params = "  ".join(f"{k}={v!r}" for k, v in SFT_PARAMS.items())
+    print(f"{SFT:12s} the chosen NLL; alone: SFT training; in a combination (--loss dpo,sft): a term  {params}")
+    print("\nSet parameters with --loss-param KEY=VALUE (or LOSS.KEY=VALUE for one term of a combination),\n"
+          "YAML loss_params, or the shorthands --beta, --gamma, ...; weights with --loss-weights.")
 
 
 def cmd_eval(args):

@@ -32,14 +32,19 @@ class TrainConfig:
     eval_data: str = _f("", "held-out data for periodic evaluation (same formats as --data)")
     output: str = _f("", "output directory (model, metrics.jsonl, checkpoints, plots)")
     # the objective
-    loss: str = _f("dpo", "loss name (see `prefalign losses`), or 'sft'")
-    beta: float = _f(0.1, "beta: strength of the pull toward the reference (KL coefficient)")
-    label_smoothing: float = _f(0.0, "label smoothing e for dpo (cDPO), robust, exo_pair; in [0, 0.5)")
-    gamma: float = _f(0.5, "simpo target margin gamma")
+    loss: str = _f("dpo", "loss name (see `prefalign losses`), 'sft', or a weighted combination "
+                   "'dpo,sft' (TRL's loss_type list; weights in --loss-weights)")
+    loss_weights: str = _f("", "comma-separated weights of the --loss combination (default: 1 each)")
+    loss_params: dict = _f(None, "the loss's parameters, checked against it (YAML mapping; flag "
+                           "--loss-param KEY=VALUE, repeatable; LOSS.KEY for one term of a combination)")
+    # Shorthands for loss_params; None = the loss's own default (see `prefalign losses`).
+    beta: float | None = _f(None, "beta: strength of the pull toward the reference (KL coefficient)")
+    label_smoothing: float | None = _f(None, "label smoothing e for dpo (cDPO), robust, exo_pair")
+    gamma: float | None = _f(None, "simpo target margin gamma")
     rpo_alpha: float = _f(0.0, "weight of a chosen-NLL (SFT) term added to any paired loss (RPO); 0 = off")
-    desirable_weight: float = _f(1.0, "kto weight of desirable examples")
-    undesirable_weight: float = _f(1.0, "kto weight of undesirable examples")
-    ipo_average_logps: bool = _f(False, "ipo: feed per-token mean log-probs instead of sums")
+    desirable_weight: float | None = _f(None, "kto weight of desirable examples")
+    undesirable_weight: float | None = _f(None, "kto weight of undesirable examples")
+    ipo_average_logps: bool | None = _f(None, "ipo: feed per-token mean log-probs instead of sums (TRL's IPO)")
     # optimisation
     max_steps: int = _f(0, "optimizer steps (0 = run --epochs)")
     epochs: float = _f(1.0, "epochs over the data when --max-steps is 0")
@@ -141,10 +146,34 @@ def _optional(typ) -> tuple[type, bool]:
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Convert a YAML or flag value to the field's type, or raise a UserError naming it."""
     typ, optional = _optional(_type_of(FIELDS[name]))
-    if optional and value is None:
+    if optional and value is None:  # X | None: None = the loss's own default
         return None
+    if typ is dict:
+        return _mapping(name, value, where)
+    if name in ("loss", "loss_weights") and isinstance(value, (list, tuple)):  # YAML `loss: [dpo, sft]`
+        value = ",".join(str(v) for v in value)
     value = validation.coerce(name, value, typ, where, RANGES.get(name))
     return validation.expand(value) if name in PATHS else value
+
+
+def _mapping(name: str, value: Any, where: str) -> dict:
+    """A YAML mapping, or the KEY=VALUE strings of a repeated flag (values parsed as YAML)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        out = {}
+        for item in value:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"{where}: {name} entries are KEY=VALUE; got {item!r}")
+            try:
+                out[key.strip()] = yamlio.loads(text, f"{where}: {name} {key.strip()}")
+            except UserError:  # not YAML: the plain string
+                out[key.strip()] = text
+        return out
+    raise UserError(f"{where}: {name} must be a mapping of KEY: VALUE; got {value!r}")
 
 
 def _unknown(key: str, where: str) -> UserError:
@@ -195,6 +224,9 @@ def validate(cfg: TrainConfig, sources: dict | None = None, where: str = "config
         bad("reference adapters-off needs LoRA (set lora_r > 0)")
     if cfg.qlora and cfg.lora_r == 0:
         bad("qlora needs LoRA (set lora_r > 0)")
+    from prefalign.objective import loss_plan
+
+    loss_plan(cfg)  # the loss names, weights and parameters, checked against the losses
 
 
 def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -204,9 +236,13 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
             continue
         typ = _type_of(f)
         default = f.default
-        help_text = f"{f.metadata['help']} (default: {default!r}{validation.help_suffix(RANGES.get(name))})"
+        shown = "the loss's own" if default is None else repr(default)
+        help_text = f"{f.metadata['help']} (default: {shown}{validation.help_suffix(RANGES.get(name))})"
         flag = "--" + name.replace("_", "-")
-        if typ is bool:
+        if typ is dict:
+            parser.add_argument("--loss-param", dest=name, action="append", default=None, metavar="KEY=VALUE",
+                                help=f.metadata["help"])
+        elif typ in (bool, bool | None):
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text,
@@ -234,6 +270,8 @@ def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig
     for name in FIELDS:
         v = getattr(args, name, None)
         if v is not None:
+            if FIELDS[name].type in (dict, "dict") and isinstance(values.get(name), dict):
+                v = {**values[name], **_mapping(name, v, "flags")}  # --loss-param adds to the file's
             values[name] = v
             sources[name] = "--" + name.replace("_", "-")
     return build(values, where=config_path or "flags", sources=sources)

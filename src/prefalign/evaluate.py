@@ -34,7 +34,7 @@ def pair_metrics(s: prepare.Setup, cfg, ac, items=None, batch_size: int | None =
     kto = s.spec is not None and s.spec.kind == "unpaired"
     out = _normalise(sums, len(items), kto)
     if s.spec is None:
-        out["loss"] = loss_total / max(1.0, sums.get("lengths/chosen", 1.0))
+        out["loss"] = loss_total / max(1, objective.scored_tokens(items))  # as training divides
     else:
         out["loss"] = loss_total / len(items)
     return out

@@ -28,6 +28,11 @@ NOT_TRAJECTORY = frozenset({
     "chunk_size", "packing", "token_budget", "attention", "lean_mlp", "sharding", "cache_dir",
     "on_bad_row", "trust_remote_code", "batch_size", "grad_accum",
 })
+# The loss's settings enter as the loss the run really computes (its terms, weights and full
+# parameters, defaults included), not as the fields that spell it: `--beta 0.1` and the default
+# beta of dpo are the same run, and config.yaml records the resolved parameters.
+LOSS_FIELDS = frozenset({"loss", "loss_weights", "loss_params", "beta", "label_smoothing", "gamma", "rpo_alpha",
+                         "desirable_weight", "undesirable_weight", "ipo_average_logps"})
 # Identity entries computed from files rather than copied from the config.
 _SOURCES = ("data", "eval_data", "model", "ref_model", "tokenizer")
 _SAMPLE = 1 << 20  # bytes read from each end of a large weights file
@@ -91,7 +96,12 @@ def of_run(cfg: TrainConfig, world: int = 1, model=None, ref_model=None, tokeniz
     """The fingerprint of the run `cfg` describes, on `world` processes. In-process objects
     (the demo, the experiments, tests) stand in for the paths they replace."""
     # Files are compared by content: a dataset or model moved to another path is the same run.
-    fp = {name: getattr(cfg, name) for name in FIELDS if name not in NOT_TRAJECTORY and name not in _SOURCES}
+    from prefalign.objective import loss_plan
+
+    skip = NOT_TRAJECTORY | LOSS_FIELDS
+    fp = {name: getattr(cfg, name) for name in FIELDS if name not in skip and name not in _SOURCES}
+    plan = loss_plan(cfg)
+    fp["loss"] = "sft" if plan is None else {"weights": plan.weights, "params": plan.params}
     fp["paths"] = {key: getattr(cfg, key) for key in _SOURCES}
     fp["pairs_per_step"] = cfg.batch_size * cfg.grad_accum * world
     given = {"model": model, "ref_model": ref_model, "tokenizer": tokenizer}

@@ -86,10 +86,24 @@ class MetricsLog:
             self.tb.close()
 
 
+def progress_info(record: dict, keys) -> str:
+    """'loss 0.6931  rewards/margins 0.01 ...': each of `keys` the record has, under its full
+    name (a cut name is ambiguous: logps/chosen vs rewards/chosen). A value that is not a
+    finite number (no desirable rows in a KTO batch: nan; null in metrics.jsonl) shows '-'."""
+    parts = []
+    for k in keys:
+        if k not in record:
+            continue
+        v = record[k]
+        finite = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        parts.append(f"{k} {v:.4g}" if finite else f"{k} -")
+    return "  ".join(parts)
+
+
 class Console:
     """A progress bar with ETA and the key figures (rich), or plain lines when not a TTY."""
 
-    KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "kl/pairs")
+    KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logratio/pairs", "kl")
 
     def __init__(self, total: int, enabled: bool, start: int = 0, label: str = "train", messages: bool | None = None):
         self.enabled = enabled
@@ -112,8 +126,7 @@ class Console:
     def update(self, step: int, record: dict) -> None:
         if not self.enabled:
             return
-        info = "  ".join(f"{k.split('/')[-1]} {record[k]:.4g}" for k in self.KEYS
-                         if isinstance(record.get(k), (int, float)))
+        info = progress_info(record, self.KEYS)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
         else:

@@ -20,15 +20,15 @@ from prefalign.data.formats import load_examples, pairs_to_unpaired
 from prefalign.data.tokenize import tokenize_examples
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
-from prefalign.losses import LossSpec, get_loss
+from prefalign.objective import LossPlan, loss_plan
 
 
-def loss_spec(cfg: TrainConfig) -> LossSpec | None:
-    """None for SFT; the registry's spec otherwise."""
-    return None if cfg.loss == "sft" else get_loss(cfg.loss)
+def loss_spec(cfg: TrainConfig) -> LossPlan | None:
+    """None for SFT; the run's loss (terms, weights, parameters) otherwise."""
+    return loss_plan(cfg)
 
 
-def data_kind(spec: LossSpec | None) -> str:
+def data_kind(spec: LossPlan | None) -> str:
     if spec is None:
         return "sft"
     return "unpaired" if spec.kind == "unpaired" else "paired"
@@ -53,9 +53,10 @@ def load_items(cfg: TrainConfig, tokenizer, path: str, kind: str, rejects_path: 
         if loaded.kind == "paired":
             examples = pairs_to_unpaired(examples)
         examples = [e for e in examples if e.label]  # SFT imitates the good side only
+    plan = loss_plan(cfg)
     result = tokenize_examples(examples, tokenizer, max_length=cfg.max_length,
                                max_prompt_length=max_prompt_length(cfg), on_bad_row=cfg.on_bad_row,
-                               rejects_path=rejects_path)
+                               rejects_path=rejects_path, prepend_bos=plan is not None and plan.prepend_bos)
     skipped = loaded.skipped + result.stats.get("skipped", 0)
     if skipped:
         log(f"{path}: skipped {skipped} bad rows (written to {rundir.published(rejects_path)})")
@@ -74,7 +75,7 @@ class Setup:
     tokenizer: object
     policy: torch.nn.Module
     reference: refs.Reference
-    spec: LossSpec | None
+    spec: LossPlan | None  # the loss plan (objective.LossPlan); None = SFT
     items: list
     eval_items: list
     data_stats: dict
@@ -88,7 +89,7 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext
 
 
-def reference_strategy(cfg: TrainConfig, spec: LossSpec | None) -> str:
+def reference_strategy(cfg: TrainConfig, spec: LossPlan | None) -> str:
     if spec is None or not spec.needs_reference:
         if cfg.reference not in ("auto", "none"):
             raise UserError(f"loss {cfg.loss} uses no reference; drop --reference {cfg.reference}")

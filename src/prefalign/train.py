@@ -183,9 +183,10 @@ def micro_step(s: prepare.Setup, cfg: TrainConfig, items, ac, kl: torch.Tensor |
     ref = s.reference.pair_logps(items)
     with ac():
         pol = objective.pair_logps(s.policy, items, **kw)
+        prompt = objective.prompt_logps(s.policy, items, **kw) if s.spec.needs_prompt_logps else None
     if ref is not None:
         ref = objective.PairLogps(*(t.to(pol.chosen.device) for t in ref))
-    return objective.paired_loss(s.spec, cfg, pol, ref, s.loss_state)
+    return objective.paired_loss(s.spec, cfg, pol, ref, s.loss_state, prompt)
 
 
 def kto_kl(s: prepare.Setup, cfg: TrainConfig, items, ac, rank: int, world: int) -> torch.Tensor:
@@ -238,8 +239,9 @@ def forward_backward(s: prepare.Setup, cfg: TrainConfig, step_items, ac, params,
     processes and clipped; returns the step's metrics (global means) and the gradient norm.
     `sharded`: FSDP averages the gradients itself (reduce-scatter in each backward)."""
     per_micro, per_step = cfg.batch_size, len(step_items)
-    # SFT normalises by completion tokens in the whole step; the others by examples.
-    denom = (sum(len(i.completion_ids) + 1 for i in step_items) if s.spec is None else per_step) / world
+    # SFT normalises by the scored completion tokens of the whole step (as evaluation does);
+    # the others by examples.
+    denom = (objective.scored_tokens(step_items) if s.spec is None else per_step) / world
     sums: dict = {}
     loss_value = 0.0
     kto = s.spec is not None and s.spec.kind == "unpaired"
@@ -345,8 +347,8 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
         # drops the old run's outputs, or a later --resume auto would continue the OLD run.
         rundir.begin(cfg.output, replace=path is None or os.path.dirname(os.path.realpath(path))
                      != os.path.realpath(ckpt_root))
-        fingerprint.write_config(cfg.output, to_dict(cfg), fingerprint.history(cfg.output) if resuming else [],
-                                 start, changes)
+        fingerprint.write_config(cfg.output, objective.record_loss_params(to_dict(cfg), s.spec),
+                                 fingerprint.history(cfg.output) if resuming else [], start, changes)
     log = MetricsLog(cfg.output, rank0, cfg.tensorboard, resume_step=start if resuming else None)
     mon = monitor.for_run(s, cfg, total, trainer_state.get("monitor"))
     if mon is not None and mon.start is None:  # step 0: the policy before any update

@@ -102,8 +102,9 @@ class _Encoder:
     """The tokenizer plus what we learned about it once: its leading special tokens, BOS, EOS, its
     special-token strings and its longest token; and the length limits."""
 
-    def __init__(self, tokenizer, allow_boundary_mismatch: bool, max_length: int, max_prompt_length: int | None):
-        self.tok, self.allow_mismatch = tokenizer, allow_boundary_mismatch
+    def __init__(self, tokenizer, allow_boundary_mismatch: bool, max_length: int, max_prompt_length: int | None,
+                 prepend_bos: bool = False):
+        self.tok, self.allow_mismatch, self.prepend_bos = tokenizer, allow_boundary_mismatch, prepend_bos
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.deduplicated = False  # set by encode when it drops a doubled BOS
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -127,6 +128,8 @@ class _Encoder:
         ids = (self.lead if lead else []) + ids
         if self.bos is not None and ids[:2] == [self.bos, self.bos]:
             ids, self.deduplicated = ids[1:], True
+        if self.prepend_bos and self.bos is not None and ids[:1] != [self.bos]:
+            ids = [self.bos] + ids  # TRL's CPO/ORPO: every sequence starts with BOS
         return ids
 
     def head(self, text: str, need: int, lead: bool, template: bool, start: int = 0,
@@ -290,7 +293,7 @@ def _truncate_prompt(prompt: list[int], max_prompt_length: int | None, bos) -> t
 
 def tokenize_examples(examples, tokenizer, max_length: int, max_prompt_length: int | None = None,
                       on_bad_row: str = "error", rejects_path=None,
-                      allow_boundary_mismatch: bool = False) -> TokenizeResult:
+                      allow_boundary_mismatch: bool = False, prepend_bos: bool = False) -> TokenizeResult:
     """Tokenize PairExample / UnpairedExample / PromptExample into TokenizedPair / TokenizedUnpaired /
     TokenizedPrompt, in order, by the boundary and truncation rules of the module docstring.
 
@@ -309,7 +312,7 @@ def tokenize_examples(examples, tokenizer, max_length: int, max_prompt_length: i
 
     stats = dict(rows=len(examples), kept=0, skipped=0, truncated=0, boundary_mismatch=0,
                  eos_appended=0, bos_deduplicated=0, special_text=0)
-    enc = _Encoder(tokenizer, allow_boundary_mismatch, max_length, max_prompt_length)
+    enc = _Encoder(tokenizer, allow_boundary_mismatch, max_length, max_prompt_length, prepend_bos)
     rejects = RejectsWriter(rejects_path)
     items = []
     for ex in examples:

@@ -51,8 +51,8 @@ def run(ctx: common.Context) -> common.Result:
     fig2 = common.plot(ctx.path("plots", "margins.png"), [
         {"series": {f"beta={b}": common.series(h, "rewards/margins", 1 / b) for b, h in runs.items()},
          "ylabel": "log-ratio margin h (nats)", "title": "training margin h = rewards/margins / beta"},
-        {"series": {f"beta={b}": common.series(h, "kl/pairs") for b, h in runs.items()},
-         "ylabel": "mean log-ratio on the training pairs", "title": "kl/pairs (a drift signal, not a KL)"},
+        {"series": {f"beta={b}": common.series(h, "logratio/pairs") for b, h in runs.items()},
+         "ylabel": "mean log-ratio on the training pairs", "title": "logratio/pairs (a drift signal, not a KL)"},
     ])
     ups = monotone_down(kls)
     if kls[0] > kls[-1] and ups == 0:

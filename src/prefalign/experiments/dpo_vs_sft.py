@@ -26,7 +26,7 @@ def run(ctx: common.Context) -> common.Result:
     start = common.demo_start(ctx)
     s = ctx.settings
     variants = [
-        ("SFT on chosen only", dict(loss="sft", reference="none")),
+        ("SFT on chosen only", dict(loss="sft", reference="none", beta=None)),  # SFT takes no beta
         ("DPO (chosen + rejected)", dict(loss="dpo")),
         ("DPO + SFT term (RPO, alpha 1)", dict(loss="dpo", rpo_alpha=1.0)),
     ]

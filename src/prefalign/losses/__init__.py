@@ -5,8 +5,9 @@ rejected_rewards)`` (see ``pairwise`` and ``unpaired`` for the formulas). ``LOSS
 describes how to call each one (``LossSpec``); ``get_loss`` looks one up by name, with a
 "did you mean" for typos; ``combined`` builds a weighted sum such as RPO (dpo + sft).
 
-Calling a spec: ``spec.fn(*(inputs[k] for k in input_keys(spec)), **hyper)`` where the
-input keys are
+Calling a spec: ``spec.fn(*(inputs[k] for k in input_keys(spec)), **hyper)`` where
+``hyper`` holds ``spec.defaults`` keys only (``spec.options`` are applied around the call,
+see ``CombinedLoss``), and the input keys are
 
     paired, inputs "sum":   policy_chosen, policy_rejected[, ref_chosen, ref_rejected]
     paired, inputs "mean":  policy_chosen_avg, policy_rejected_avg[, ref_..._avg]
@@ -35,6 +36,8 @@ __all__ = [
     "LOSSES",
     "ALIASES",
     "CombinedLoss",
+    "check_params",
+    "chosen_nll",
     "combined",
     "get_loss",
     "input_keys",
@@ -46,7 +49,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LossSpec:
-    """How to call one loss. ``defaults`` are its hyper-parameters (beta, gamma, ...)."""
+    """How to call one loss. ``defaults`` are its hyper-parameters (beta, gamma, ...), read
+    from the function's signature; ``options`` are conventions the caller applies around
+    the function (which inputs it gets, an NLL term's reduction), with their defaults;
+    ``nll_weight`` is the weight of the chosen NLL the loss includes by definition (ORPO:
+    1). ``params`` = defaults | options: everything a user may set, and nothing else."""
 
     name: str
     fn: Callable[..., LossOutput]
@@ -54,28 +61,49 @@ class LossSpec:
     needs_reference: bool
     inputs: str  # "sum" (summed sequence log-probs) | "mean" (per-token means)
     defaults: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    nll_weight: float = 0.0
+
+    @property
+    def params(self) -> dict:
+        return {**self.defaults, **self.options}
 
 
 # Keyword arguments that are training state passed in by the trainer, not hyper-parameters.
 _STATE_ARGS = frozenset({"delta"})
 
 
-def _spec(fn, kind="paired", needs_reference=True, inputs="sum") -> LossSpec:
+# The options (see LossSpec) and the values a string option may take. prefalign's default
+# first; docs/trl.md gives the TRL setting of each.
+#   average_logps:   feed per-token mean log-probs instead of sums (IPO; TRL: true)
+#   running_delta:   bco_pair's delta = running mean reward (the BCO paper); false: 0 (TRL 1.16)
+#   nll_reduction:   the chosen NLL as the mean of per-pair token means ("pair") or one
+#                    token-weighted mean over the micro-batch ("token", TRL)
+#   nll_tokens:      ORPO's NLL over the completion ("completion") or prompt + completion
+#                    ("all", TRL's ORPOTrainer; the trainer then scores the prompts too)
+#   prompt_bos:      the tokenizer's own BOS ("tokenizer") or a BOS in front of every prompt
+#                    that lacks one ("always", TRL's CPOTrainer/ORPOTrainer)
+_NLL = {"nll_reduction": "pair"}
+_BOS = {"prompt_bos": "tokenizer"}
+CHOICES = {"nll_reduction": ("pair", "token"), "nll_tokens": ("completion", "all"),
+           "prompt_bos": ("tokenizer", "always")}
+
+
+def _spec(fn, kind="paired", needs_reference=True, inputs="sum", options=None, nll_weight=0.0) -> LossSpec:
     # Defaults come from the signature so they cannot drift from the function.
     defaults = {
         p.name: p.default
         for p in inspect.signature(fn).parameters.values()
         if p.default is not inspect.Parameter.empty and p.name not in _STATE_ARGS
     }
-    return LossSpec(fn.__name__, fn, kind, needs_reference, inputs, defaults)
+    return LossSpec(fn.__name__, fn, kind, needs_reference, inputs, defaults, dict(options or {}),
+                    nll_weight)
 
 
 _REFERENCE_PAIRED = (
     pairwise.dpo,
     pairwise.robust,
     pairwise.hinge,
-    pairwise.ipo,
-    pairwise.bco_pair,
     pairwise.nca_pair,
     pairwise.sppo_hard,
     pairwise.apo_zero,
@@ -88,8 +116,12 @@ _REFERENCE_PAIRED = (
 
 LOSSES: dict[str, LossSpec] = {
     **{fn.__name__: _spec(fn) for fn in _REFERENCE_PAIRED},
-    "simpo": _spec(pairwise.simpo, needs_reference=False, inputs="mean"),
-    "orpo": _spec(pairwise.orpo, needs_reference=False, inputs="mean"),
+    "ipo": _spec(pairwise.ipo, options={"average_logps": False}),
+    "bco_pair": _spec(pairwise.bco_pair, options={"running_delta": True}),
+    "simpo": _spec(pairwise.simpo, needs_reference=False, inputs="mean", options=_BOS),
+    # ORPO = chosen NLL + the odds-ratio term pairwise.orpo computes.
+    "orpo": _spec(pairwise.orpo, needs_reference=False, inputs="mean",
+                  options={**_NLL, "nll_tokens": "completion", **_BOS}, nll_weight=1.0),
     "kto": _spec(unpaired.kto, kind="unpaired"),
 }
 
@@ -99,18 +131,47 @@ ALIASES = {"sigmoid": "dpo", "aot_pair": "aot_unpaired"}
 LOSSES.update({alias: LOSSES[target] for alias, target in ALIASES.items()})
 
 SFT = "sft"  # the chosen NLL term of `combined`; not a loss on its own
+SFT_PARAMS = dict(_NLL)  # what the "sft" term of a combination accepts
 
 _SUM_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 _MEAN_KEYS = ("policy_chosen_avg", "policy_rejected_avg", "ref_chosen_avg", "ref_rejected_avg")
 _UNPAIRED_KEYS = ("policy_logps", "ref_logps", "desirable", "kl")
 
 
-def input_keys(spec: LossSpec) -> tuple[str, ...]:
-    """The names of the tensors ``spec.fn`` takes positionally, in order."""
+def _nll_keys(params: Mapping[str, Any]) -> tuple[str, ...]:
+    if params.get("nll_tokens", "completion") == "all":
+        return ("policy_chosen", "chosen_count", "prompt_logps", "prompt_count")
+    return ("policy_chosen_avg",) if params["nll_reduction"] == "pair" else ("policy_chosen", "chosen_count")
+
+
+def input_keys(spec: LossSpec, params: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The names of the tensors ``spec.fn`` takes positionally, in order (``params``: the
+    term's parameters; ``average_logps`` switches a "sum" loss to the means)."""
     if spec.kind == "unpaired":
         return _UNPAIRED_KEYS
-    keys = _SUM_KEYS if spec.inputs == "sum" else _MEAN_KEYS
+    means = spec.inputs == "mean" or bool((params or {}).get("average_logps"))
+    keys = _MEAN_KEYS if means else _SUM_KEYS
     return keys if spec.needs_reference else keys[:2]
+
+
+def chosen_nll(inputs: Mapping[str, Tensor], reduction: str = "pair", tokens: str = "completion") -> Tensor:
+    """[B] chosen NLL terms whose mean over the batch is the NLL of the convention:
+
+        pair:  mean_i (-logp_i / n_i)                    (each pair weighs the same)
+        token: sum_i (-logp_i) / sum_i n_i  (TRL)        (each token weighs the same)
+
+    "token" is spread over the rows as -logp_i * B / sum n, so a sum over rows divided by
+    B (what the trainer does) is that token-weighted mean. tokens "all": logp_i and n_i
+    also count the prompt's tokens (all but its first, which nothing predicts)."""
+    if tokens == "completion" and reduction == "pair":
+        return -inputs["policy_chosen_avg"]
+    logp, counts = inputs["policy_chosen"], inputs["chosen_count"]
+    if tokens == "all":
+        logp, counts = logp + inputs["prompt_logps"], counts + inputs["prompt_count"]
+    counts = counts.to(logp.dtype)
+    if reduction == "pair":
+        return -logp / counts
+    return -logp * (counts.numel() / counts.sum())
 
 
 def get_loss(name: str) -> LossSpec:
@@ -124,15 +185,45 @@ def get_loss(name: str) -> LossSpec:
     return spec
 
 
+def _type_ok(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def check_params(name: str, valid: Mapping[str, Any], given: Mapping[str, Any]) -> dict:
+    """``valid`` (the defaults) updated with ``given``, after checking every key and type.
+
+    UserError on an unknown key (naming the valid ones), a value of the wrong type, or a
+    string option outside its choices."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        opts = ", ".join(sorted(valid)) or "none"
+        raise UserError(f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                        f"its parameters: {opts}")
+    out = dict(valid)
+    for key, value in given.items():
+        default = valid[key]
+        if not _type_ok(default, value):
+            raise UserError(f"loss {name!r}: {key} must be {type(default).__name__} "
+                            f"(like its default {default!r}); got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"loss {name!r}: {key} must be one of {', '.join(CHOICES[key])}; got {value!r}")
+        out[key] = float(value) if isinstance(default, float) else value
+    return out
+
+
 @dataclass(frozen=True)
 class CombinedLoss:
     """A weighted sum of paired losses, built by ``combined``; call it with a dict of inputs.
 
     ``needs_reference`` and ``required`` (the input keys it reads) tell the trainer what
-    to compute.
+    to compute. ``terms`` hold each term's full parameters (defaults filled in).
     """
 
-    terms: tuple[tuple[str, float, LossSpec | None, dict], ...]  # (name, weight, spec, hyper)
+    terms: tuple[tuple[str, float, LossSpec | None, dict], ...]  # (name, weight, spec, params)
     needs_reference: bool
     required: frozenset[str]
 
@@ -142,16 +233,42 @@ class CombinedLoss:
             raise ValueError(f"combined loss needs inputs {missing}; got {sorted(inputs)}")
         total = None
         rewards = None
-        for _name, weight, spec, hyper in self.terms:
-            if spec is None:  # sft: mean per-token NLL of the chosen response
-                losses = -inputs["policy_chosen_avg"]
+        for _name, weight, spec, params in self.terms:
+            if spec is None:  # sft: the chosen NLL
+                losses = _nll_term(inputs, params)
             else:
-                out = spec.fn(*(inputs[k] for k in input_keys(spec)), **hyper)
+                kwargs = {k: v for k, v in params.items() if k not in spec.options}
+                out = spec.fn(*(inputs[k] for k in input_keys(spec, params)), **kwargs)
                 losses = out.losses
+                if spec.nll_weight:
+                    losses = losses + spec.nll_weight * _nll_term(inputs, params)
                 if rewards is None:  # the first preference term's rewards are reported
-                    rewards = (out.chosen_rewards, out.rejected_rewards)
+                    rewards = _sum_rewards(spec, params, inputs, out)
             total = weight * losses if total is None else total + weight * losses
         return LossOutput(total, *rewards)
+
+
+def _nll_term(inputs: Mapping[str, Tensor], params: Mapping[str, Any]) -> Tensor:
+    return chosen_nll(inputs, params["nll_reduction"], params.get("nll_tokens", "completion"))
+
+
+def _sum_rewards(spec: LossSpec, params: Mapping, inputs: Mapping[str, Tensor], out: LossOutput):
+    """rewards/* mean beta x SUMMED log-ratio under every loss with a reference (TRL's too),
+    also when the loss itself saw per-token means (``average_logps``)."""
+    if spec.needs_reference and spec.inputs == "sum" and params.get("average_logps"):
+        beta = params["beta"]
+        return ((beta * (inputs["policy_chosen"] - inputs["ref_chosen"])).detach(),
+                (beta * (inputs["policy_rejected"] - inputs["ref_rejected"])).detach())
+    return out.chosen_rewards, out.rejected_rewards
+
+
+def _term_keys(spec: LossSpec, params: Mapping) -> set[str]:
+    keys = set(input_keys(spec, params))
+    if spec.nll_weight:
+        keys.update(_nll_keys(params))
+    if spec.needs_reference and params.get("average_logps"):
+        keys.update(_SUM_KEYS)  # for the rewards
+    return keys
 
 
 def combined(
@@ -166,12 +283,13 @@ def combined(
                             "ref_chosen": ..., "ref_rejected": ...,
                             "policy_chosen_avg": ...})
 
-    ``weights``: loss name (or ``"sft"``: -policy_chosen_avg, the chosen NLL per token)
-    -> weight. ``params``: loss name -> hyper-parameters overriding that loss's defaults.
-    The returned callable takes one dict holding every input any term needs (keys as in
-    ``input_keys``; see ``CombinedLoss.required``) and returns LossOutput with the summed
-    [B] losses and the rewards of the first preference term in ``weights`` order. Stateful
-    inputs (bco_pair's ``delta``) go in ``params``. Unpaired losses cannot be combined.
+    ``weights``: loss name (or ``"sft"``: the chosen NLL, see ``chosen_nll``) -> weight.
+    ``params``: loss name -> parameters overriding that loss's defaults and options
+    (``check_params``). The returned callable takes one dict holding every input any term
+    needs (keys as in ``input_keys``; see ``CombinedLoss.required``) and returns LossOutput
+    with the summed [B] losses and the rewards of the first preference term in ``weights``
+    order. Stateful inputs (bco_pair's ``delta``) go in ``params``. Unpaired losses cannot
+    be combined.
     """
     params = dict(params or {})
     if not weights:
@@ -182,10 +300,9 @@ def combined(
     terms, required, needs_ref = [], set(), False
     for name, weight in weights.items():
         if name == SFT:
-            if params.get(SFT):
-                raise UserError("combined loss: 'sft' takes no options")
-            terms.append((SFT, float(weight), None, {}))
-            required.add("policy_chosen_avg")
+            full = check_params(SFT, SFT_PARAMS, params.get(SFT, {}))
+            terms.append((SFT, float(weight), None, full))
+            required.update(_nll_keys(full))
             continue
         try:
             spec = get_loss(name)
@@ -195,15 +312,11 @@ def combined(
             raise UserError(f"combined loss: unknown loss {name!r}: {hint}") from None
         if spec.kind != "paired":
             raise UserError(f"combined loss: {name!r} is unpaired; only paired losses combine")
-        hyper = dict(params.get(name, {}))
-        unknown = sorted(set(hyper) - set(spec.defaults) - _STATE_ARGS)
-        if unknown:
-            raise UserError(
-                f"combined loss: {name!r} has no option {unknown}; "
-                f"its options: {', '.join(sorted(spec.defaults))}"
-            )
-        terms.append((name, float(weight), spec, hyper))
-        required.update(input_keys(spec))
+        given = dict(params.get(name, {}))
+        state = {k: given.pop(k) for k in _STATE_ARGS & set(given)}
+        full = {**check_params(name, spec.params, given), **state}
+        terms.append((name, float(weight), spec, full))
+        required.update(_term_keys(spec, full))
         needs_ref = needs_ref or spec.needs_reference
     if all(spec is None for _, _, spec, _ in terms):
         raise UserError("combined loss: needs at least one preference loss besides 'sft'")

@@ -199,7 +199,7 @@ def iterate(cfg: IterativeConfig, *, model=None, tokenizer=None, prompts=None, r
                 train_history.append({**rec, "round": k, "round_step": rec["step"], "step": offset + rec["step"]})
             offset += res.steps
             last = res.history[-1] if res.history else {}
-            record.update({f"dpo/{m}": last[m] for m in ("loss", "rewards/accuracies", "rewards/margins", "kl/pairs")
+            record.update({f"dpo/{m}": last[m] for m in ("loss", "rewards/accuracies", "rewards/margins", "logratio/pairs")
                            if isinstance(last.get(m), float)})
             record["dpo/steps"] = res.steps
         record["time/training"] = time.perf_counter() - t2
