@@ -253,10 +253,12 @@ def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig
     """Merge: dataclass defaults < base (the command's defaults) < YAML (--config) < explicit flags."""
     values: dict = dict(base or {})
     sources: dict = {}
+    saved: dict = {}
     if getattr(args, "resume", None) and getattr(args, "output", None):
         from prefalign.fingerprint import saved_config
 
-        values.update(saved_config(validation.expand(args.output)))  # the run's own settings; flags still win
+        saved = saved_config(validation.expand(args.output))
+        values.update(saved)  # the run's own settings; flags still win
     config_path = validation.expand(getattr(args, "config", None))
     if config_path:
         file_values = load_yaml(config_path)
@@ -274,6 +276,12 @@ def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig
                 v = {**values[name], **_mapping(name, v, "flags")}  # --loss-param adds to the file's
             values[name] = v
             sources[name] = "--" + name.replace("_", "-")
+    if saved and values.get("loss") != saved.get("loss"):
+        # The saved run's parameters belong to its loss (config.yaml records them all, defaults
+        # included); a resume under another loss starts from that loss's own defaults.
+        for key in ("loss_params", "loss_weights"):
+            if key not in sources:
+                values.pop(key, None)
     return build(values, where=config_path or "flags", sources=sources)
 
 

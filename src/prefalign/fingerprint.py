@@ -101,7 +101,12 @@ def of_run(cfg: TrainConfig, world: int = 1, model=None, ref_model=None, tokeniz
     skip = NOT_TRAJECTORY | LOSS_FIELDS
     fp = {name: getattr(cfg, name) for name in FIELDS if name not in skip and name not in _SOURCES}
     plan = loss_plan(cfg)
-    fp["loss"] = "sft" if plan is None else {"weights": plan.weights, "params": plan.params}
+    fp["loss"] = "sft" if plan is None else plan.name
+    if plan is not None:  # named as config.yaml's loss_params names them: beta, or dpo.beta in a combination
+        single = len(plan.params) == 1
+        fp.update({(k if single else f"{t}.{k}"): v for t, p in plan.params.items() for k, v in p.items()})
+        if not single:
+            fp["loss_weights"] = plan.weights
     fp["paths"] = {key: getattr(cfg, key) for key in _SOURCES}
     fp["pairs_per_step"] = cfg.batch_size * cfg.grad_accum * world
     given = {"model": model, "ref_model": ref_model, "tokenizer": tokenizer}
