@@ -149,7 +149,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     if optional and value is None:  # X | None: None = the loss's own default
         return None
     if typ is dict:
-        return _mapping(name, value, where)
+        return None if value is None else _mapping(name, value, where)
     if name in ("loss", "loss_weights") and isinstance(value, (list, tuple)):  # YAML `loss: [dpo, sft]`
         value = ",".join(str(v) for v in value)
     value = validation.coerce(name, value, typ, where, RANGES.get(name))

@@ -14,7 +14,7 @@ import json
 import os
 
 from prefalign.config import FIELDS, TrainConfig
-from prefalign.errors import UserError
+from prefalign.errors import UserError, os_error_line
 
 # Fields that do not change what the run computes: where it writes, how often it logs, saves,
 # evaluates or monitors, how long it runs (a finished run may be continued to more steps), and
@@ -76,7 +76,8 @@ def file_digest(path: str) -> str:
         try:
             (_sampled if f.endswith(_WEIGHTS) else _sha)(h, f)
         except OSError as e:
-            raise UserError(f"cannot read {f} to fingerprint the run: {e.strerror}") from None
+            e.filename = e.filename or f
+            raise UserError(f"{os_error_line(e)} (reading it to fingerprint the run)") from None
     return h.hexdigest()
 
 

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 
-from prefalign.errors import UserError
+from prefalign.errors import UserError, os_error_line
 
 LOCK = ".lock"
 TMP = ".tmp-"  # prefix of every temporary name prefalign writes in a run directory
@@ -179,7 +179,8 @@ def claim(cfg):
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create --output {out}: {e.strerror}") from None
+            e.filename = e.filename or out
+            raise UserError(f"--output {os_error_line(e)} (cannot create it)") from None
         fd = _lock(out)
     try:
         if lead:
