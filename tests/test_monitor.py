@@ -8,6 +8,7 @@ import os
 import pytest
 
 from prefalign import cli, monitor
+from prefalign.experiments import both_drop
 from prefalign.cli import main
 from test_train import run_files  # noqa: F401 (fixture)
 
@@ -127,8 +128,9 @@ def test_both_drop_stop_saves_the_model_and_exits_3(both_drop_experiment, capsys
     out = root / "stop"
     capsys.readouterr()
     rc = main(["train", "--model", str(sft), "--data", str(exp / "data" / "pairs_subset.jsonl"), "--output", str(out),
-               "--max-length", "16", "--beta", "0.01", "--lr", "5e-4", "--lr-schedule", "constant",
-               "--batch-size", "8", "--max-steps", str(summary["steps"]), "--monitor-every", "8",
+               "--max-length", "16", "--beta", str(both_drop.BETA), "--lr", str(both_drop.LR_QUICK),
+               "--lr-schedule", "constant", "--batch-size", "8", "--max-steps", str(summary["steps"]),
+               "--monitor-every", str(both_drop.EVERY_QUICK // 3),
                "--both-drop-stop", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == cli.BOTH_DROP_EXIT == 3

@@ -23,7 +23,8 @@ from prefalign.experiments import common
 
 BETA = 0.01
 LR = 2e-4     # slower than the demo's DPO lr, so the rise before the fall is visible
-LR_QUICK = 5e-4  # the quick run has fewer steps to get there
+LR_QUICK = 1e-3  # the quick run has fewer steps to get there
+STEPS_QUICK, EVERY_QUICK = 240, 48  # quick: long enough for the fall to stand out of the per-pair noise
 N_PAIRS = 128
 
 
@@ -39,10 +40,10 @@ def load_checkpoint_policy(sft_model, path: str):
 def run(ctx: common.Context) -> common.Result:
     start = common.demo_start(ctx)
     s = ctx.settings
-    n_pairs = min(len(start.pairs), N_PAIRS if not ctx.quick else 32)
+    n_pairs = min(len(start.pairs), N_PAIRS if not ctx.quick else 64)
     batch = min(s.dpo_batch, n_pairs)
-    steps = 360 if not ctx.quick else 96
-    every = 30 if not ctx.quick else 24
+    steps = 360 if not ctx.quick else STEPS_QUICK
+    every = 30 if not ctx.quick else EVERY_QUICK
     lr = LR if not ctx.quick else LR_QUICK
     pairs_file = common.write_rows(ctx.path("data", "pairs_subset.jsonl"), start.pairs[:n_pairs])
     ctx.say(f"overtraining DPO: beta {BETA}, lr {lr}, {n_pairs} pairs, {steps} steps of {batch} "
@@ -50,7 +51,7 @@ def run(ctx: common.Context) -> common.Result:
     with ctx.timer("dpo"):
         res = common.dpo(ctx.path("dpo"), start.sft, start.tok, pairs_file, start.eval_file, s, beta=BETA, lr=lr,
                            max_steps=steps, batch_size=batch, save_every=every, keep_checkpoints=steps // every + 1,
-                           save_model=False, monitor_every=every // 3,
+                           save_model=False, monitor_every=every // 3, monitor_pairs=n_pairs,
                            # the alarm watches the pairs being fitted (a seeded sample of them): that is where
                            # DPO pushes both responses down; held-out quality is measured below
                            eval_data="")
