@@ -11,26 +11,7 @@ import os
 import pytest
 
 from prefalign.cli import main
-from prefalign.demo.model import build_model
-from prefalign.demo.tokenizer import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tok = build_tokenizer()
-    build_model(tok, seed=0, hidden_size=32, intermediate_size=64).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    with open(path, "w") as fh:
-        for a in range(4):
-            fh.write(json.dumps({"prompt": f"{a}+{a}=", "answer": 2 * a}) + "\n")
-    return str(path)
+from test_compare import prompts_file, saved_model  # noqa: F401 (fixtures)
 
 
 # Each function misbehaves only for the prompt "2+2=" (the 3rd row), so the message must find it.

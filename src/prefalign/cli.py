@@ -27,11 +27,13 @@ class _Parser(argparse.ArgumentParser):
 def _train_parser(sub, name: str, help: str):
     from prefalign import config
 
-    p = sub.add_parser(name, help=help, description=TRAIN_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # No ArgumentDefaultsHelpFormatter: the flags' argparse defaults are None (to tell which were
+    # given); each help text carries the field's real default itself.
+    p = sub.add_parser(name, help=help, description=TRAIN_HELP)
     p.add_argument("--config", type=path_arg, help="YAML file of config keys")
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="data-parallel processes on this machine (re-runs this command through "
-                        "`accelerate launch`; pairs/step = batch x accum x N)")
+                        "`accelerate launch`; pairs/step = batch x accum x N) (default: 1)")
     config.add_flags(p)
     return p
 

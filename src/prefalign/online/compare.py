@@ -110,7 +110,7 @@ class CompareSettings:
     beta: float = _f(None, "DPO: beta", float)
     rounds: int = _f(3, "iterative DPO: rounds (offline DPO is one round)")
     # Why moving: on the demo task a fixed reference lets the rounds drift (round 3's samples scored
-    # 0.62 after 0.72 in round 2; DPO kl/pairs -0.39 -> -1.34; held-out 0.80); with the reference
+    # 0.62 after 0.72 in round 2; DPO logratio/pairs -0.39 -> -1.34; held-out 0.80); with the reference
     # moved to each round's starting policy the rounds keep improving (0.60 -> 0.72 -> 0.77) and the
     # held-out score is 0.92 (docs/compare.md).
     reference: str = _f("moving", "iterative DPO's reference: moving (each round's starting policy) | fixed "
