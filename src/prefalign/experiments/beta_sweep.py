@@ -1,8 +1,8 @@
-"""beta-sweep (exercise 15): DPO at several beta from the same SFT start, same pairs, same steps.
+"""beta-sweep: DPO at several beta from the same SFT start, same pairs, same steps.
 
 Measured per beta: KL(policy || SFT) on the policy's OWN samples of held-out prompts (not the
 log-ratio on the training pairs), the held-out verifier score and the implicit-reward preference
-accuracy on held-out pairs. The chapter: a small beta lets the policy drift far from the
+accuracy on held-out pairs. The claim: a small beta lets the policy drift far from the
 reference, a large beta keeps it close.
 """
 
@@ -56,7 +56,7 @@ def run(ctx: common.Context) -> common.Result:
     ])
     ups = monotone_down(kls)
     if kls[0] > kls[-1] and ups == 0:
-        verdict = (f"Matches the chapter: the sampled KL falls monotonically with beta, from {kls[0]:.2f} nats at "
+        verdict = (f"Matches the claim: the sampled KL falls monotonically with beta, from {kls[0]:.2f} nats at "
                    f"beta {BETAS[0]} to {kls[-1]:.3f} at beta {BETAS[-1]}.")
     elif kls[0] > kls[-1]:
         verdict = (f"Mostly matches: KL is {kls[0]:.2f} nats at beta {BETAS[0]} and {kls[-1]:.3f} at beta {BETAS[-1]}, "

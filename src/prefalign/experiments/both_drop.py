@@ -1,4 +1,4 @@
-"""both-drop (exercise 14): overtrain DPO and watch the absolute log-probs and the generations.
+"""both-drop: overtrain DPO and watch the absolute log-probs and the generations.
 
 DPO's loss sees only the margin h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)],
 so it can widen h by pushing the rejected response down faster than the chosen one, with BOTH
@@ -96,7 +96,7 @@ def run(ctx: common.Context) -> common.Result:
              f"greedy score peaked at {peak['score (greedy)']:.3f} (step {peak['step']}) and ended at "
              f"{last['score (greedy)']:.3f}, malformed answers {rows[0]['malformed']:.3f} -> {last['malformed']:.3f}"]
     if chosen_fell and rejected_fell and fired and worse:
-        verdict = "Matches the chapter: both log-probs fell, the alarm fired, and quality dropped from its peak (" \
+        verdict = "Matches the claim: both log-probs fell, the alarm fired, and quality dropped from its peak (" \
                   + "; ".join(parts) + ")."
     elif chosen_fell and rejected_fell:
         verdict = ("Partly: both log-probs fell" + ("" if worse else ", but held-out quality did not drop in this run")

@@ -1,4 +1,4 @@
-"""`prefalign experiment NAME`: the chapter's experiments as commands (registered by prefalign.cli).
+"""`prefalign experiment NAME`: experiments checking published claims about DPO as commands (registered by prefalign.cli).
 
 Each runs on the demo task with no arguments, writes OUTPUT/report.md (table, figures, notes),
 OUTPUT/summary.json and OUTPUT/plots/*.png, and prints the table. The SFT start and the
@@ -67,8 +67,8 @@ def register(sub) -> None:
     lines = "\n".join(f"  {n:14s} {h}" for n, (_, h) in EXPERIMENTS.items())
     import argparse
 
-    p = sub.add_parser("experiment", help="the chapter's experiments on the demo task (beta-sweep, both-drop, ...)",
-                       description="Run one of the chapter's experiments on the demo task:\n" + lines,
+    p = sub.add_parser("experiment", help="experiments checking published claims about DPO on the demo task (beta-sweep, both-drop, ...)",
+                       description="Run one of experiments checking published claims about DPO on the demo task:\n" + lines,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="experiment name (or 'list')")
     from prefalign.validation import add_ranged, path_arg

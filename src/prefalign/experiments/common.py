@@ -56,7 +56,7 @@ class Result:
     figures: list[str] = field(default_factory=list)   # paths under OUTPUT/plots
     notes: list[str] = field(default_factory=list)     # markdown paragraphs after the table
     extra: dict = field(default_factory=dict)          # anything else for summary.json
-    claim: str = ""                                    # the chapter's claim, one line
+    claim: str = ""                                    # the published claim, one line
     verdict: str = ""                                  # did the run's direction match it
 
 
@@ -307,7 +307,7 @@ def write_report(ctx: Context, res: Result) -> dict:
     lines = [f"# {res.title}", "", f"Command: `{ctx.command}`{mode}", "",
              f"Wall time {wall:.0f}s ({stages}).", ""]
     if res.claim:
-        lines += [f"Claim (chapter 24): {res.claim}", ""]
+        lines += [f"Claim: {res.claim}", ""]
     lines += [report.markdown_table(res.rows, res.columns), ""]
     if res.verdict:
         lines += [f"**Result:** {res.verdict}", ""]

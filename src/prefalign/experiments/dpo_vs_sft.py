@@ -1,4 +1,4 @@
-"""dpo-vs-sft (exercise 13, section 24.3): are the rejected responses informative negatives?
+"""dpo-vs-sft: are the rejected responses informative negatives?
 
 Same SFT start, same on-policy pairs, same steps, batch and learning rate:
   - SFT on the chosen responses only (the trainer's `sft` loss on a pairs file trains on chosen);
@@ -60,7 +60,7 @@ def run(ctx: common.Context) -> common.Result:
     _, sft, dpo, rpo = rows
     g = "score (greedy)"
     if dpo[g] > sft[g] + 0.02:
-        verdict = (f"Matches the chapter: DPO on the pairs reached a held-out greedy score of {dpo[g]:.3f} vs "
+        verdict = (f"Matches the claim: DPO on the pairs reached a held-out greedy score of {dpo[g]:.3f} vs "
                    f"{sft[g]:.3f} for SFT on the chosen answers alone (carry problems: {dpo['greedy, carry problems']:.3f} "
                    f"vs {sft['greedy, carry problems']:.3f}); the rejected answers carried signal SFT could not use.")
     elif abs(dpo[g] - sft[g]) <= 0.02:

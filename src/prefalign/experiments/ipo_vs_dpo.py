@@ -1,4 +1,4 @@
-"""ipo-vs-dpo (exercise 16): the same pairs, the same beta, the sigmoid loss vs the squared one.
+"""ipo-vs-dpo: the same pairs, the same beta, the sigmoid loss vs the squared one.
 
 The demo's preferences are deterministic: the verifier always prefers the correct answer. DPO's
 loss -log sig(beta h) keeps falling as the log-ratio margin h grows, so h runs away; IPO's loss
@@ -52,7 +52,7 @@ def run(ctx: common.Context) -> common.Result:
     quality = (f"held-out greedy score DPO {d['score (greedy)']:.3f} vs IPO {i['score (greedy)']:.3f}, "
                f"KL DPO {d['KL (sampled)']:.3f} vs IPO {i['KL (sampled)']:.3f}")
     if runaway and settled:
-        verdict = (f"Matches the chapter: DPO's margin ran to h = {dpo_h:.1f} nats ({dpo_h / target:.1f}x the IPO target), IPO "
+        verdict = (f"Matches the claim: DPO's margin ran to h = {dpo_h:.1f} nats ({dpo_h / target:.1f}x the IPO target), IPO "
                    f"settled at h = {ipo_h:.2f}, near its target {target:g}; {quality}.")
     else:
         verdict = (f"{'Partly' if runaway or settled else 'Does NOT'} match: DPO h = {dpo_h:.1f}, IPO h = {ipo_h:.2f} "

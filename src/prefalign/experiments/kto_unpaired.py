@@ -1,4 +1,4 @@
-"""kto-unpaired (exercise 17): KTO on unpaired good/bad labels vs DPO on the pairs they came from.
+"""kto-unpaired: KTO on unpaired good/bad labels vs DPO on the pairs they came from.
 
 The on-policy pairs are split into single completions labelled desirable (the chosen, correct
 answer) or undesirable (the rejected one); duplicates are dropped, so nothing pairs them up
@@ -71,7 +71,7 @@ def run(ctx: common.Context) -> common.Result:
     aligned = kto_b[g] > sft[g] + 0.02
     close = kto_b[g] >= dpo[g] - 0.05
     weight_helps = kto_uw[g] >= kto_u1[g] - 0.01
-    verdict = (f"{'Matches' if aligned else 'Does NOT match'} the chapter: KTO without pairs moved the held-out "
+    verdict = (f"{'Matches' if aligned else 'Does NOT match'} the claim: KTO without pairs moved the held-out "
                f"greedy score {sft[g]:.3f} -> {kto_b[g]:.3f} (DPO on the pairs: {dpo[g]:.3f}; "
                f"{'comparable' if close else 'behind DPO'}). Unbalanced 1:4: {kto_u1[g]:.3f} with weights 1/1, "
                f"{kto_uw[g]:.3f} with desirable_weight 4 "

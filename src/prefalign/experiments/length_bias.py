@@ -1,4 +1,4 @@
-"""length-bias (exercise 18): chosen responses systematically longer -> DPO learns "longer is better".
+"""length-bias: chosen responses systematically longer -> DPO learns "longer is better".
 
 The demo's verifier ignores surrounding spaces (task.format_ok strips them), so trailing spaces are
 content-free filler: "42   " is as correct as "42". From the on-policy pairs:
@@ -118,7 +118,7 @@ def run(ctx: common.Context) -> common.Result:
     fixes = [n for n, r in (("balancing the data", bal), ("SimPO", simpo), ("IPO on per-token means", ipo))
              if shrink(r)]
     if grew > 0.3 and not_better:
-        verdict = (f"Matches the chapter: on length-biased pairs DPO's greedy answers grew by {grew:.2f} tokens "
+        verdict = (f"Matches the claim: on length-biased pairs DPO's greedy answers grew by {grew:.2f} tokens "
                    f"({bias['ends in filler']:.0%} end in filler) while the score went {clean[S]:.3f} -> {bias[S]:.3f} "
                    f"(clean DPO vs biased DPO). ")
     else:

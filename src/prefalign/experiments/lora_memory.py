@@ -1,4 +1,4 @@
-"""lora-memory (exercise 19): full fine-tuning vs LoRA DPO, reference by adapters-off or precomputed.
+"""lora-memory: full fine-tuning vs LoRA DPO, reference by adapters-off or precomputed.
 
 The demo model (~0.4M parameters) is too small for memory figures to mean anything, so this
 experiment builds a larger randomly initialised Llama with the demo tokenizer (SIZE below: ~27M
@@ -132,7 +132,7 @@ def run(ctx: common.Context) -> common.Result:
     only_adapters = all(raw[r["run"]]["changed_base"] == 0 for r in (lora, lora_pre))
     all_full = raw[full["run"]]["changed_base"] == raw[full["run"]]["base_tensors"]
     saved = full["peak - model (MB)"] - lora["peak - model (MB)"]
-    verdict = (f"{'Matches' if only_adapters and saved > 0 else 'Does NOT match'} the chapter: LoRA trains "
+    verdict = (f"{'Matches' if only_adapters and saved > 0 else 'Does NOT match'} the claim: LoRA trains "
                f"{lora['trainable %']:.2f}% of the parameters; its AdamW state is {lora['AdamW state (MB)']:.2f} MB vs "
                f"{full['AdamW state (MB)']:.0f} MB; training added {lora['peak - model (MB)']:.0f} MB (adapters-off "
                f"reference) vs {full['peak - model (MB)']:.0f} MB for full fine-tuning with a reference copy. "

@@ -1,6 +1,6 @@
 """Paired preference losses: pure functions of [B] tensors.
 
-Notation (see ../shared/DESIGN.md): policy pi, frozen reference pi_ref, chosen y_w,
+Notation (see docs/design.md): policy pi, frozen reference pi_ref, chosen y_w,
 rejected y_l. Inputs are per-sequence log-probs, shape [B], one entry per pair:
 
     policy_chosen   = log pi(y_w|x)        ref_chosen   = log pi_ref(y_w|x)
