@@ -40,6 +40,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         shown = (shown if shown is not None else f"default: {default!r}") + validation.help_suffix(ranges.get(f.name))
         help_ = f"{f.metadata['help']} ({shown})" if f.metadata.get("help") else f"({shown})"
         kw = dict(dest=f.name, default=None, help=help_.replace("%", "%%"))
+        choices = f.metadata.get("choices")
         if default is None:  # the value comes from elsewhere (compare: DemoSettings): the type is in the metadata
             parser.add_argument(flag, type=f.metadata["type"], metavar=f.name.upper(), **kw)
         elif isinstance(default, bool):
@@ -51,6 +52,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             continue
         elif f.name in paths:
             parser.add_argument(flag, type=path_arg, metavar=f.name.upper(), **kw)
+        elif choices:  # argparse shows them: --scale {group,batch,none}
+            parser.add_argument(flag, type=type(default), choices=choices, **kw)
         else:
             parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kw)
 
@@ -170,8 +173,8 @@ def cmd_iterate(args):
 
 def _compare_default(name: str):
     """The default of a compare flag that comes from the task (None in CompareSettings), in words."""
-    from prefalign.demo.pipeline import MAX_NEW_TOKENS, DemoSettings
-    from prefalign.online.compare import DEMO_FIELDS, USER_DEFAULTS
+    from prefalign.demo.settings import MAX_NEW_TOKENS, DemoSettings
+    from prefalign.online.settings import DEMO_FIELDS, USER_DEFAULTS
 
     if name not in USER_DEFAULTS:
         return None
@@ -191,27 +194,25 @@ def cmd_compare(args):
 
 
 def register(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    from prefalign.online.compare import CompareSettings
-    from prefalign.online.grpo import GRPOConfig
-    from prefalign.online.iterative import IterativeConfig
+    # The settings classes only: the loops (torch, transformers) load when a command runs.
+    from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig
 
-    p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored",
-                       formatter_class=fmt)
-    p.add_argument("--model", type=path_arg, required=True)
-    p.add_argument("--tokenizer", type=path_arg, default="")
+    p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored")
+    p.add_argument("--model", type=path_arg, required=True, help="model: a local path or a hub id (required)")
+    p.add_argument("--tokenizer", type=path_arg, default="", help="tokenizer path or hub id (default: the model's)")
     p.add_argument("--prompts", type=path_arg, required=True, help="a file with a `prompt` column (jsonl/json/parquet/csv)")
     p.add_argument("--output", type=path_arg, required=True, help="JSONL: prompt, completion, sample, finish_reason, num_tokens")
     add_ranged(p, "--n", int, ">= 1", "samples per prompt", default=1)
-    add_ranged(p, "--max-new-tokens", int, ">= 1", default=128)
-    add_ranged(p, "--max-prompt-length", int, ">= 1", default=512)
-    add_ranged(p, "--temperature", float, ">= 0", "0 = greedy", default=1.0)
-    add_ranged(p, "--top-p", float, "(0, 1]", default=1.0)
-    add_ranged(p, "--top-k", int, ">= 0", "0 = off", default=0)
-    p.add_argument("--stop", nargs="+", help="stop strings")
-    add_ranged(p, "--seed", int, "[0, 2**32)", default=0)
-    add_ranged(p, "--batch-size", int, ">= 1", default=64)
-    p.add_argument("--reward", nargs="+", help="also score each completion (reward specs)")
+    add_ranged(p, "--max-new-tokens", int, ">= 1", "new tokens per completion", default=128)
+    add_ranged(p, "--max-prompt-length", int, ">= 1", "max prompt tokens (longer prompts are truncated)",
+               default=512)
+    add_ranged(p, "--temperature", float, ">= 0", "sampling temperature; 0 = greedy", default=1.0)
+    add_ranged(p, "--top-p", float, "(0, 1]", "nucleus sampling p", default=1.0)
+    add_ranged(p, "--top-k", int, ">= 0", "top-k sampling; 0 = off", default=0)
+    p.add_argument("--stop", nargs="+", help="stop strings (default: none; EOS always stops)")
+    add_ranged(p, "--seed", int, "[0, 2**32)", "sampling seed", default=0)
+    add_ranged(p, "--batch-size", int, ">= 1", "rows decoded together", default=64)
+    p.add_argument("--reward", nargs="+", help="also score each completion (reward specs; default: no scoring)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("grpo", help="GRPO: group sampling, verifier/reward-model rewards, clipped surrogate + KL",
