@@ -378,7 +378,7 @@ def register(sub) -> None:
     add_ranged(p, "--max-length", int, ">= 1", "max tokens of prompt + completion", default=1024)
     add_ranged(p, "--max-prompt-length", int, ">= 0", "max prompt tokens (0 = half of max-length)", default=0)
     p.add_argument("--kind", default="auto", choices=("auto", "paired", "unpaired", "prompt"),
-                   help="the data's kind (default: 'auto': told from its columns)")
+                   help="the data's kind; auto: told from its columns (default: 'auto')")
     p.add_argument("--split", default="train", help="split of a datasets dir or hub name (default: 'train')")
     p.add_argument("--json", type=path_arg, default="", help="also write the full report to this JSON file (default: none)")
     add_ranged(p, "--batch-size", int, ">= 1", "pairs per forward pass with --model", default=8)

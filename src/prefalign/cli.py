@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_losses)
 
     p = sub.add_parser("demo", help="the whole story on a built-in task, on a CPU, in minutes")
-    p.add_argument("--output", type=path_arg, default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--output", type=path_arg, default="runs/demo", help="output folder (default: 'runs/demo')")
     p.add_argument("--quick", action="store_true", help="a reduced run (seconds; used by the tests)")
     add_ranged(p, "--seed", int, "[0, 2**31)", "the demo derives seeds + k from it", default=0)
     p.set_defaults(func=cmd_demo)

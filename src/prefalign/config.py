@@ -33,7 +33,7 @@ class TrainConfig:
     # the objective
     loss: str = _f("dpo", "loss name (see `prefalign losses`), 'sft', or a weighted combination "
                    "'dpo,sft' (TRL's loss_type list; weights in --loss-weights)")
-    loss_weights: str = _f("", "comma-separated weights of the --loss combination (default: 1 each)")
+    loss_weights: str = _f("", "comma-separated weights of the --loss combination; empty: 1 each")
     loss_params: dict = _f(None, "the loss's parameters, checked against it (YAML mapping; flag "
                            "--loss-param KEY=VALUE, repeatable; LOSS.KEY for one term of a combination)")
     # Shorthands for loss_params; None = the loss's own default (see `prefalign losses`).

@@ -200,8 +200,8 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored")
     p.add_argument("--model", type=path_arg, required=True, help="model: a local path or a hub id (required)")
     p.add_argument("--tokenizer", type=path_arg, default="", help="tokenizer path or hub id (default: the model's)")
-    p.add_argument("--prompts", type=path_arg, required=True, help="a file with a `prompt` column (jsonl/json/parquet/csv)")
-    p.add_argument("--output", type=path_arg, required=True, help="JSONL: prompt, completion, sample, finish_reason, num_tokens")
+    p.add_argument("--prompts", type=path_arg, required=True, help="a file with a `prompt` column (jsonl/json/parquet/csv) (required)")
+    p.add_argument("--output", type=path_arg, required=True, help="JSONL: prompt, completion, sample, finish_reason, num_tokens (required)")
     add_ranged(p, "--n", int, ">= 1", "samples per prompt", default=1)
     add_ranged(p, "--max-new-tokens", int, ">= 1", "new tokens per completion", default=128)
     add_ranged(p, "--max-prompt-length", int, ">= 1", "max prompt tokens (longer prompts are truncated)",
@@ -212,20 +212,20 @@ def register(sub) -> None:
     p.add_argument("--stop", nargs="+", help="stop strings (default: none; EOS always stops)")
     add_ranged(p, "--seed", int, "[0, 2**32)", "sampling seed", default=0)
     add_ranged(p, "--batch-size", int, ">= 1", "rows decoded together", default=64)
-    p.add_argument("--reward", nargs="+", help="also score each completion (reward specs; default: no scoring)")
+    p.add_argument("--reward", nargs="+", help="also score each completion with these reward specs (default: none)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("grpo", help="GRPO: group sampling, verifier/reward-model rewards, clipped surrogate + KL",
                        description="Every flag is also a key of --config (YAML); flags win.")
-    p.add_argument("--config", type=path_arg, default="", help="YAML file of GRPOConfig keys")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of GRPOConfig keys (default: none)")
     add_dataclass_flags(p, GRPOConfig)
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("iterate", help="iterative DPO: generate -> score -> best-vs-worst pairs -> DPO, in rounds",
                        description="Every flag is also a key of --config (YAML); flags win.")
-    p.add_argument("--config", type=path_arg, default="", help="YAML file of IterativeConfig keys")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of IterativeConfig keys (default: none)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a `prefalign train` config key for each round's DPO (repeatable), e.g. --set warmup_steps=10")
+                   help="a `prefalign train` config key for each round's DPO (repeatable), e.g. --set warmup_steps=10 (default: none)")
     add_dataclass_flags(p, IterativeConfig)
     p.set_defaults(func=cmd_iterate)
 
