@@ -164,8 +164,9 @@ def test_a_trl_yaml_runs(run_files, tmp_path, capsys):  # noqa: F811
         (1e-3, 2, 2, "constant", "fp32")
     assert (saved["keep_checkpoints"], saved["save_every"], saved["seed"], saved["max_grad_norm"]) == (1, 2, 3, 0.5)
     lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
-    # warmup_ratio 0.5 of 4 steps: 2 warm-up steps at 1/3 and 2/3 of the peak, then the peak.
-    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+    # warmup_ratio 0.5 of 4 steps: 2 warm-up steps at 1/3 and 2/3 of the peak, then the peak. The
+    # record of step k holds the scheduler's lr after its step: that of step k + 1.
+    assert lrs == pytest.approx([2e-3 / 3, 1e-3, 1e-3, 1e-3])
 
 
 def test_unknown_keys_are_all_reported_in_one_line(tmp_path, capsys):
