@@ -71,7 +71,7 @@ class TrainConfig:
                         "training: torch has no flex_attention backward on CPU)",
                         ["auto", "sdpa", "eager", "flex_attention"])
     gradient_checkpointing: bool = _f(False, "recompute each layer's activations in the backward (much less "
-                                      "activation memory for long sequences, ~30% slower; the same gradients)")
+                                      "activation memory for long sequences, for one more forward per layer; the same gradients)")
     lean_mlp: bool = _f(True, "recompute the MLP's act(gate) and act(gate) * up in the backward instead of keeping "
                         "them (bitwise the same gradients, about half the MLP's activation memory)")
     sharding: str = _f("auto", "across processes: none = data parallel (a full model per process), fsdp = "
