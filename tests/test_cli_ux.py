@@ -5,7 +5,6 @@ import argparse
 import ast
 import json
 import math
-import os
 import subprocess
 import sys
 

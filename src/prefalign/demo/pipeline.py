@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 

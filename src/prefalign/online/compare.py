@@ -40,7 +40,6 @@ import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
@@ -49,9 +48,7 @@ from prefalign.metrics import peak_memory_mb
 from prefalign.online.generate import SamplingConfig, generate
 from prefalign.online.grpo import GRPOConfig, PromptSet, grpo, load_prompts, make_reward
 from prefalign.online.iterative import IterativeConfig, iterate
-from prefalign.validation import check_table
-
-from prefalign.online.settings import (  # noqa: F401 (import-light: the CLI's flags)
+from prefalign.online.settings import (  # noqa: F401 (the settings live apart: the CLI imports them without torch)
     DEMO_FIELDS, DEMO_REWARD, LABELS, METHODS, USER_DEFAULTS, CompareSettings, _demo_settings,
 )
 

@@ -39,7 +39,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,14 +47,13 @@ from prefalign import logprobs
 from prefalign.data.batching import pad_sequences
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
-from prefalign.losses.grpo import AGGREGATIONS, SCALES, group_advantages, grpo_loss
+from prefalign.losses.grpo import group_advantages, grpo_loss
 from prefalign.metrics import Console, MetricsLog, peak_memory_mb
 from prefalign.online.generate import SamplingConfig, generate
 from prefalign.online.rewards import CombinedReward, combine, load_reward
-from prefalign.validation import check_table
+from prefalign.online.settings import GRPOConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
 from prefalign.train import lr_lambda, step_indices
 
-from prefalign.online.settings import GRPOConfig  # noqa: E402,F401 (import-light: the CLI's flags)
 
 @dataclass
 class GRPOResult:

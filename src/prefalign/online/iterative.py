@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,9 +39,9 @@ from prefalign.online.grpo import (
     PromptSet, autocast_for, load_policy, load_prompts, make_reward, plot_run, prepare_output, write_config,
 )
 from prefalign.online.pairs import build_pairs, write_pairs
+from prefalign.online.settings import REFERENCES, IterativeConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
 from prefalign.train import step_indices
-from prefalign.validation import check_table
-from prefalign.online.settings import REFERENCES, IterativeConfig  # noqa: E402,F401
+
 
 @dataclass
 class IterativeResult:
