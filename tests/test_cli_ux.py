@@ -177,6 +177,14 @@ def test_unknown_keys_are_all_reported_in_one_line(tmp_path, capsys):
     assert "'max_stepz' (did you mean 'max_steps'?)" in err and "'frobnicate'" in err
 
 
+def test_grpo_yaml_unknown_keys_are_all_reported(tmp_path, capsys):
+    path = _yaml(tmp_path, {"stepz": 3, "group_sise": 4, "lr": 1e-5})
+    assert cli.main(["grpo", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "'stepz' (did you mean 'steps'?)" in err and "'group_sise' (did you mean 'group_size'?)" in err
+
+
 @pytest.mark.parametrize("values,flags,words", [
     ({"lr": 1e-3, "learning_rate": 1e-4}, [], ["'lr' and 'learning_rate' both set lr"]),
     ({"precision": "fp32", "bf16": True}, [], ["both set precision"]),

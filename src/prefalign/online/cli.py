@@ -68,12 +68,12 @@ def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
         from prefalign.yamlio import load_mapping
 
         config_path = validation.expand(config_path)
-        for key, value in load_mapping(config_path).items():
+        mapping = load_mapping(config_path)
+        unknown = [_hinted(key, names) for key in mapping if key.replace("-", "_") not in names]
+        if unknown:  # all of them at once: a file written for another tool has several
+            raise UserError(f"{config_path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+        for key, value in mapping.items():
             name = key.replace("-", "_")
-            if name not in names:
-                close = difflib.get_close_matches(name, names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise UserError(f"{config_path}: unknown key '{key}'{hint}")
             value = validation.coerce(name, value, types[name], config_path, ranges.get(name))
             _refuse_outside(name, value, ranges, config_path)
             values[name] = validation.expand(value) if name in paths else value
@@ -84,6 +84,11 @@ def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
         return cls(**values)
     except TypeError as e:  # a YAML value of the wrong type
         raise UserError(f"{config_path or 'flags'}: {e}") from None
+
+
+def _hinted(key: str, names) -> str:
+    close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
+    return f"'{key}' (did you mean '{close[0]}'?)" if close else f"'{key}'"
 
 
 def _refuse_outside(name: str, value, ranges: dict, where: str) -> None:
