@@ -128,7 +128,11 @@ def checkpoint_layers(model) -> None:
     alive across the layer instead."""
     if not getattr(model, "supports_gradient_checkpointing", True):
         raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if models.is_peft(model):
         model.enable_input_require_grads()
 
