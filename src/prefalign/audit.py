@@ -373,17 +373,18 @@ def register(sub) -> None:
                                      "contradictions, truncation, style, reference margins",
                        description=__doc__.split("\n\n")[1])
     p.add_argument("data", type=path_arg, help="a data file, saved dataset directory or hub name")
-    p.add_argument("--model", type=path_arg, default="", help="reference model: margins, too-easy pairs (also its tokenizer)")
-    p.add_argument("--tokenizer", type=path_arg, default="", help="tokenizer for the truncation check (default: --model's)")
+    p.add_argument("--model", type=path_arg, default="", help="reference model: margins, too-easy pairs (also its tokenizer) (default: none)")
+    p.add_argument("--tokenizer", type=path_arg, default="", help="tokenizer for the truncation check (default: empty: --model's)")
     add_ranged(p, "--max-length", int, ">= 1", "max tokens of prompt + completion", default=1024)
     add_ranged(p, "--max-prompt-length", int, ">= 0", "max prompt tokens (0 = half of max-length)", default=0)
-    p.add_argument("--kind", default="auto", choices=("auto", "paired", "unpaired", "prompt"))
-    p.add_argument("--split", default="train")
-    p.add_argument("--json", type=path_arg, default="", help="also write the full report to this JSON file")
+    p.add_argument("--kind", default="auto", choices=("auto", "paired", "unpaired", "prompt"),
+                   help="the data's kind; auto: told from its columns (default: 'auto')")
+    p.add_argument("--split", default="train", help="split of a datasets dir or hub name (default: 'train')")
+    p.add_argument("--json", type=path_arg, default="", help="also write the full report to this JSON file (default: none)")
     add_ranged(p, "--batch-size", int, ">= 1", "pairs per forward pass with --model", default=8)
     add_ranged(p, "--max-listed", int, ">= 0", "rows listed per finding in the JSON", default=1000)
     add_ranged(p, "--near-dup-max-rows", int, ">= 0", "rows scanned for near duplicates", default=200_000)
     for f in fields(Thresholds):
         add_ranged(p, "--" + f.name.replace("_", "-"), type(f.default), THRESHOLD_RANGES[f.name],
-                   f"warning threshold (default {f.default}; see docs/audit.md)", default=f.default)
+                   "warning threshold (see docs/audit.md)", default=f.default)
     p.set_defaults(func=cmd_audit)

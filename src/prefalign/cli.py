@@ -14,7 +14,13 @@ from prefalign.validation import add_ranged, check_output_dir, check_output_file
 BOTH_DROP_EXIT = 3  # --both-drop-stop stopped the run (documented in the flag's help)
 
 TRAIN_HELP = """Train a model with a preference loss (DPO and relatives, KTO) or SFT.
-Every flag is also a YAML key for --config (max_steps <-> --max-steps); flags win over the file."""
+Every flag is also a YAML key for --config (max_steps <-> --max-steps); flags win over the file.
+TRL's names are accepted too, as keys and flags (learning_rate, --per-device-train-batch-size,
+bf16, save_steps, ...: the table is in docs/trl.md)."""
+SFT_HELP = TRAIN_HELP.replace("with a preference loss (DPO and relatives, KTO) or SFT", "with supervised fine-tuning "
+                              "(the chosen/completion NLL); the preference loss flags are train's")
+# sft is train with these defaults (its help shows them) and without the preference-only flags.
+SFT_BASE = {"loss": "sft", "lr": 2e-5, "reference": "none"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,17 +30,17 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog.removeprefix('prefalign ')}: {message} (see `{self.prog} --help`)")
 
 
-def _train_parser(sub, name: str, help: str):
+def _train_parser(sub, name: str, help: str, base: dict | None = None):
     from prefalign import config
 
     # No ArgumentDefaultsHelpFormatter: the flags' argparse defaults are None (to tell which were
-    # given); each help text carries the field's real default itself.
-    p = sub.add_parser(name, help=help, description=TRAIN_HELP)
-    p.add_argument("--config", type=path_arg, help="YAML file of config keys")
+    # given); each help text carries the real default (the field's, or the command's base) itself.
+    p = sub.add_parser(name, help=help, description=SFT_HELP if base else TRAIN_HELP)
+    p.add_argument("--config", type=path_arg, help="YAML file of config keys (default: none)")
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="data-parallel processes on this machine (re-runs this command through "
                         "`accelerate launch`; pairs/step = batch x accum x N) (default: 1)")
-    config.add_flags(p)
+    config.add_flags(p, skip=config.PREFERENCE_ONLY if base else (), base=base)
     return p
 
 
@@ -166,7 +172,7 @@ def cmd_train(args, base=None):
 
 
 def cmd_sft(args):
-    return cmd_train(args, base={"loss": "sft", "lr": 2e-5, "reference": "none"})
+    return cmd_train(args, base=SFT_BASE)
 
 
 def cmd_losses(args):
@@ -202,29 +208,36 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prefalign import __version__
+
+    # Building the parsers imports no torch/transformers (tests/test_cli_ux.py): every command's
+    # heavy modules load inside its cmd_* function, so --help answers in well under a second.
     parser = _Parser(prog="prefalign", description="Align language models with preference data.")
+    parser.add_argument("--version", action="version", version=f"prefalign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _train_parser(sub, "train", "train with a preference loss (dpo, ipo, kto, orpo, simpo, ...)").set_defaults(func=cmd_train)
-    _train_parser(sub, "sft", "supervised fine-tuning on completions (the starting point for DPO)").set_defaults(func=cmd_sft)
+    _train_parser(sub, "sft", "supervised fine-tuning on completions (the starting point for DPO)",
+                  base=SFT_BASE).set_defaults(func=cmd_sft)
 
     p = sub.add_parser("eval", help="held-out preference accuracy, margins, KL to the reference, lengths")
-    p.add_argument("--model", type=path_arg, required=True)
-    p.add_argument("--ref-model", type=path_arg, default="", help="reference model (default: none; KL and rewards need it)")
-    p.add_argument("--data", type=path_arg, required=True)
-    add_ranged(p, "--beta", float, "> 0", default=0.1)
-    add_ranged(p, "--batch-size", int, ">= 1", default=8)
-    add_ranged(p, "--max-length", int, ">= 1", default=1024)
+    p.add_argument("--model", type=path_arg, required=True, help="the trained model (required)")
+    p.add_argument("--ref-model", type=path_arg, required=True,
+                   help="its reference model (required: the implicit rewards and the KL are measured against it)")
+    p.add_argument("--data", type=path_arg, required=True, help="held-out preference pairs (required)")
+    add_ranged(p, "--beta", float, "> 0", "beta of the implicit reward", default=0.1)
+    add_ranged(p, "--batch-size", int, ">= 1", "pairs per forward pass", default=8)
+    add_ranged(p, "--max-length", int, ">= 1", "max tokens of prompt + completion", default=1024)
     add_ranged(p, "--samples", int, ">= 0", "prompts to sample for the KL estimate (0 = skip)", default=32)
-    add_ranged(p, "--max-new-tokens", int, ">= 1", default=64)
-    p.add_argument("--json", type=path_arg, default="", help="also write the results to this JSON file")
+    add_ranged(p, "--max-new-tokens", int, ">= 1", "new tokens per sample of the KL estimate", default=64)
+    p.add_argument("--json", type=path_arg, default="", help="also write the results to this JSON file (default: none)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("losses", help="list the losses")
     p.set_defaults(func=cmd_losses)
 
     p = sub.add_parser("demo", help="the whole story on a built-in task, on a CPU, in minutes")
-    p.add_argument("--output", type=path_arg, default="runs/demo")
+    p.add_argument("--output", type=path_arg, default="runs/demo", help="output folder (default: 'runs/demo')")
     p.add_argument("--quick", action="store_true", help="a reduced run (seconds; used by the tests)")
     add_ranged(p, "--seed", int, "[0, 2**31)", "the demo derives seeds + k from it", default=0)
     p.set_defaults(func=cmd_demo)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefalign import validation, yamlio
+from prefalign import trl_keys, validation, yamlio
 from prefalign.errors import UserError
 
 
@@ -25,8 +24,8 @@ def _f(default, help, choices=None):
 class TrainConfig:
     # what to train on
     model: str = _f("", "model: a local path or a hub id (any AutoModelForCausalLM)")
-    ref_model: str = _f("", "reference model for --reference copy (default: the same as --model)")
-    tokenizer: str = _f("", "tokenizer path or hub id (default: the model's)")
+    ref_model: str = _f("", "reference model for --reference copy (empty: the same as --model)")
+    tokenizer: str = _f("", "tokenizer path or hub id (empty: the model's)")
     data: str = _f("", "training data: .jsonl/.json/.parquet/.csv, a saved datasets dir, or a hub name")
     data_split: str = _f("train", "split to read when --data is a datasets dir or hub name")
     eval_data: str = _f("", "held-out data for periodic evaluation (same formats as --data)")
@@ -34,7 +33,7 @@ class TrainConfig:
     # the objective
     loss: str = _f("dpo", "loss name (see `prefalign losses`), 'sft', or a weighted combination "
                    "'dpo,sft' (TRL's loss_type list; weights in --loss-weights)")
-    loss_weights: str = _f("", "comma-separated weights of the --loss combination (default: 1 each)")
+    loss_weights: str = _f("", "comma-separated weights of the --loss combination; empty: 1 each")
     loss_params: dict = _f(None, "the loss's parameters, checked against it (YAML mapping; flag "
                            "--loss-param KEY=VALUE, repeatable; LOSS.KEY for one term of a combination)")
     # Shorthands for loss_params; None = the loss's own default (see `prefalign losses`).
@@ -52,6 +51,8 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step (pairs/step = batch x accum x processes)")
     lr: float = _f(5e-7, "peak learning rate (AdamW)")
     warmup_steps: int = _f(0, "linear warm-up steps")
+    warmup_ratio: float = _f(0.0, "warm-up as a fraction of the run: ceil(ratio x total steps), used when "
+                             "--warmup-steps is 0 (TRL's warmup_ratio)")
     lr_schedule: str = _f("linear", "learning-rate schedule after warm-up", ["constant", "linear", "cosine"])
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -69,6 +70,8 @@ class TrainConfig:
                         "where the model has it); flex_attention skips the masked blocks of packed rows (GPU for "
                         "training: torch has no flex_attention backward on CPU)",
                         ["auto", "sdpa", "eager", "flex_attention"])
+    gradient_checkpointing: bool = _f(False, "recompute each layer's activations in the backward (much less "
+                                      "activation memory for long sequences, for one more forward per layer; the same gradients)")
     lean_mlp: bool = _f(True, "recompute the MLP's act(gate) and act(gate) * up in the backward instead of keeping "
                         "them (bitwise the same gradients, about half the MLP's activation memory)")
     sharding: str = _f("auto", "across processes: none = data parallel (a full model per process), fsdp = "
@@ -77,7 +80,7 @@ class TrainConfig:
     # the reference
     reference: str = _f("auto", "reference strategy (auto: copy, adapters-off with LoRA, none when the loss needs none)",
                         ["auto", "copy", "adapters-off", "precomputed", "none"])
-    cache_dir: str = _f("", "where precomputed reference log-probs are cached (default OUTPUT/ref_cache)")
+    cache_dir: str = _f("", "where precomputed reference log-probs are cached (empty: OUTPUT/ref_cache)")
     # LoRA
     lora_r: int = _f(0, "LoRA rank (0 = full fine-tuning)")
     lora_alpha: float = _f(16.0, "LoRA alpha")
@@ -118,7 +121,7 @@ RANGES = {
     "beta": "> 0", "label_smoothing": "[0, 0.5)", "gamma": "finite", "rpo_alpha": ">= 0",
     "desirable_weight": "> 0", "undesirable_weight": "> 0",
     "max_steps": ">= 0", "epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "(0, 1)",
-    "warmup_steps": ">= 0", "max_grad_norm": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
+    "warmup_steps": ">= 0", "warmup_ratio": "[0, 1]", "max_grad_norm": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
     "adam_beta2": "[0, 1)", "seed": "[0, 2**32)",
     "max_length": ">= 1", "max_prompt_length": ">= 0", "token_budget": ">= 0",
     "lora_r": ">= 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
@@ -176,12 +179,6 @@ def _mapping(name: str, value: Any, where: str) -> dict:
     raise UserError(f"{where}: {name} must be a mapping of KEY: VALUE; got {value!r}")
 
 
-def _unknown(key: str, where: str) -> UserError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return UserError(f"{where}: unknown config key '{key}'{hint}")
-
-
 def load_yaml(path: str) -> dict:
     return yamlio.load_mapping(path)
 
@@ -191,14 +188,8 @@ def build(values: dict, where: str = "config", sources: dict | None = None) -> T
 
     `sources` (field -> "--flag" or file) names where each value came from in a refusal."""
     sources = sources or {}
-    kwargs = {}
-    for key, value in values.items():
-        if not isinstance(key, str):
-            raise UserError(f"{where}: config key {key!r} is not a string")
-        name = key.replace("-", "_")
-        if name not in FIELDS:
-            raise _unknown(key, where)
-        kwargs[name] = _coerce(name, value, sources.get(name, where))
+    kwargs = {name: _coerce(name, value, sources.get(name, where))
+              for name, value in trl_keys.translate(values, FIELDS, where).items()}
     cfg = TrainConfig(**kwargs)
     validate(cfg, sources=sources, where=where)
     return cfg
@@ -229,24 +220,43 @@ def validate(cfg: TrainConfig, sources: dict | None = None, where: str = "config
     loss_plan(cfg)  # the loss names, weights and parameters, checked against the losses
 
 
-def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per config field; defaults stay None so we know which flags were given."""
+# Fields that only a preference loss reads: `prefalign sft` shows no flag for them.
+PREFERENCE_ONLY = ("ref_model", "beta", "label_smoothing", "gamma", "rpo_alpha", "desirable_weight",
+                   "undesirable_weight", "ipo_average_logps", "reference", "cache_dir")
+
+
+def shown_default(name: str, base: dict | None = None) -> str:
+    """A field's default as its flag's help shows it: the command's own (sft: lr 2e-05), else the field's."""
+    default = (base or {}).get(name, FIELDS[name].default)
+    if default is None:
+        return "the loss's own"
+    return "empty" if default == "" else repr(default)
+
+
+def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), base: dict | None = None) -> None:
+    """One flag per config field, its help showing the default the command really uses (`base`: the
+    command's own defaults, as from_args applies them) once, its choices and its range. The
+    argparse defaults stay None so we know which flags were given."""
     for name, f in FIELDS.items():
         if name in skip:
             continue
         typ = _type_of(f)
-        default = f.default
-        shown = "the loss's own" if default is None else repr(default)
-        help_text = f"{f.metadata['help']} (default: {shown}{validation.help_suffix(RANGES.get(name))})"
+        suffix = validation.help_suffix(RANGES.get(name))
+        help_text = f"{f.metadata['help']} (default: {shown_default(name, base)}{suffix})".replace("%", "%%")
         flag = "--" + name.replace("_", "-")
+        choices = f.metadata.get("choices")
         if typ is dict:
             parser.add_argument("--loss-param", dest=name, action="append", default=None, metavar="KEY=VALUE",
-                                help=f.metadata["help"])
+                                help=f.metadata["help"] + " (default: none)")
         elif typ in (bool, bool | None):
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text,
-                                choices=f.metadata.get("choices"))
+        else:  # choices show as {a,b,c}; a metavar would hide them
+            parser.add_argument(flag, dest=name, default=None, metavar=None if choices else name.upper(),
+                                help=help_text, choices=choices)
+    for trl_name, flag in trl_keys.flag_names():  # TRL's names (docs/trl.md), not listed one by one
+        if trl_keys.ALIASES[trl_name] not in skip:  # TRL's switches (--bf16) may also take a value
+            switch = dict(nargs="?", const="true") if trl_name in trl_keys.MAPPED else {}
+            parser.add_argument(flag, dest="trl__" + trl_name, default=None, help=argparse.SUPPRESS, **switch)
 
 
 def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:
@@ -261,16 +271,14 @@ def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig
         values.update(saved)  # the run's own settings; flags still win
     config_path = validation.expand(getattr(args, "config", None))
     if config_path:
-        file_values = load_yaml(config_path)
-        for key in file_values:
-            if key.replace("-", "_") not in FIELDS:
-                raise _unknown(key, config_path)
+        file_values = trl_keys.translate(load_yaml(config_path), FIELDS, config_path)
         # Typed here, not only after the merge: a bad value in the file is refused even where a flag overrides it.
-        values.update({k.replace("-", "_"): _coerce(k.replace("-", "_"), v, config_path)
-                       for k, v in file_values.items()})
-        sources.update({k.replace("-", "_"): config_path for k in file_values})
-    for name in FIELDS:
-        v = getattr(args, name, None)
+        values.update({k: _coerce(k, v, config_path) for k, v in file_values.items()})
+        sources.update({k: config_path for k in file_values})
+    given = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    given.update({trl_name: getattr(args, "trl__" + trl_name) for trl_name in trl_keys.ALIASES
+                  if getattr(args, "trl__" + trl_name, None) is not None})
+    for name, v in trl_keys.translate(given, FIELDS, "flags").items():
         if v is not None:
             if FIELDS[name].type in (dict, "dict") and isinstance(values.get(name), dict):
                 v = {**values[name], **_mapping(name, v, "flags")}  # --loss-param adds to the file's

@@ -26,7 +26,7 @@ NOT_TRAJECTORY = frozenset({
     "save_every", "keep_checkpoints", "tensorboard", "progress", "save_model", "merge_lora",
     "both_drop_threshold", "both_drop_stop", "monitor_every", "monitor_pairs", "max_nonfinite",
     "chunk_size", "packing", "token_budget", "attention", "lean_mlp", "sharding", "cache_dir",
-    "on_bad_row", "trust_remote_code", "batch_size", "grad_accum",
+    "on_bad_row", "trust_remote_code", "batch_size", "grad_accum", "gradient_checkpointing",
 })
 # The loss's settings enter as the loss the run really computes (its terms, weights and full
 # parameters, defaults included), not as the fields that spell it: `--beta 0.1` and the default

@@ -120,6 +120,23 @@ def reference_batches(cfg: TrainConfig, n_train: int, n_eval: int, rank: int, wo
     return mine + evals[rank::world]
 
 
+def checkpoint_layers(model) -> None:
+    """Gradient checkpointing on the policy: each decoder layer's activations are recomputed in the
+    backward. Non-reentrant: the same gradients, and the frozen inputs of a LoRA model need no
+    requires_grad trick (set anyway, as peft expects). The lean MLP patch is left off: the layer's
+    recompute already drops the MLP's activations, and its saved-tensor hooks would keep g and u
+    alive across the layer instead."""
+    if not getattr(model, "supports_gradient_checkpointing", True):
+        raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if models.is_peft(model):
+        model.enable_input_require_grads()
+
+
 def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None, ref_model=None,
           accelerator=None, log=print) -> Setup:
     """Load tokenizer, data, policy and reference. `model`/`tokenizer` objects may be passed in
@@ -151,7 +168,9 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
         torch.manual_seed(cfg.seed)
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                                   qlora=cfg.qlora)
-    if cfg.lean_mlp:
+    if cfg.gradient_checkpointing:
+        checkpoint_layers(model)
+    elif cfg.lean_mlp:
         lean_mlps(model)  # the policy only: the reference runs without autograd
     model.to(device)
     model.train()

@@ -39,13 +39,20 @@ class RunResult:
     already_finished: bool = False  # --resume found the run finished: nothing was done
 
 
+def warmup_steps(cfg, total: int) -> int:
+    """--warmup-steps, else TRL's warmup_ratio of the run's steps, rounded up (GRPOConfig has no ratio)."""
+    return cfg.warmup_steps or math.ceil(getattr(cfg, "warmup_ratio", 0.0) * total)
+
+
 def lr_lambda(cfg: TrainConfig, total: int):
+    warmup = warmup_steps(cfg, total)
+
     def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
         if cfg.lr_schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        progress = (step - warmup) / max(1, total - warmup)
         if cfg.lr_schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

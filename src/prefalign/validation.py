@@ -191,8 +191,10 @@ def arg(typ: type, spec: str):
 
 
 def add_ranged(parser: argparse.ArgumentParser, flag: str, typ: type, spec: str, help: str = "", **kw):
-    """parser.add_argument with a range-checked type and the range in the help text."""
-    return parser.add_argument(flag, type=arg(typ, spec), help=(help + help_suffix(spec)).lstrip("; "), **kw)
+    """parser.add_argument with a range-checked type, and its default and range in the help text."""
+    shown = f"default: {kw['default']!r}" if kw.get("default") is not None else ""
+    notes = (shown + help_suffix(spec)).lstrip("; ")
+    return parser.add_argument(flag, type=arg(typ, spec), help=f"{help} ({notes})".lstrip(), **kw)
 
 
 def path_arg(text: str) -> str:

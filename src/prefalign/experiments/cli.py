@@ -73,10 +73,10 @@ def register(sub) -> None:
     p.add_argument("name", help="experiment name (or 'list')")
     from prefalign.validation import add_ranged, path_arg
 
-    p.add_argument("--output", type=path_arg, default="", help="report folder (default runs/experiments/NAME)")
+    p.add_argument("--output", type=path_arg, default="", help="report folder (default: runs/experiments/NAME)")
     p.add_argument("--quick", action="store_true", help="a reduced smoke run (seconds; the story may not hold)")
     add_ranged(p, "--seed", int, "[0, 2**31)", "the experiments derive seeds + k from it", default=0)
-    p.add_argument("--cache", type=path_arg, default="", help="folder for the shared SFT start and pairs (default OUTPUT/../_start)")
+    p.add_argument("--cache", type=path_arg, default="", help="folder for the shared SFT start and pairs (default: OUTPUT/../_start)")
     add_ranged(p, "--threads", int, ">= 0", default=1,
                    help="torch CPU threads (0 = torch's default). 1 by default: the demo model is tiny, and on a "
                         "shared CPU more threads spin-wait (10x slower measured with 2 threads on a loaded 2-core box)")

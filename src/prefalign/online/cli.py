@@ -40,6 +40,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         shown = (shown if shown is not None else f"default: {default!r}") + validation.help_suffix(ranges.get(f.name))
         help_ = f"{f.metadata['help']} ({shown})" if f.metadata.get("help") else f"({shown})"
         kw = dict(dest=f.name, default=None, help=help_.replace("%", "%%"))
+        choices = f.metadata.get("choices")
         if default is None:  # the value comes from elsewhere (compare: DemoSettings): the type is in the metadata
             parser.add_argument(flag, type=f.metadata["type"], metavar=f.name.upper(), **kw)
         elif isinstance(default, bool):
@@ -51,6 +52,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             continue
         elif f.name in paths:
             parser.add_argument(flag, type=path_arg, metavar=f.name.upper(), **kw)
+        elif choices:  # argparse shows them: --scale {group,batch,none}
+            parser.add_argument(flag, type=type(default), choices=choices, **kw)
         else:
             parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kw)
 
@@ -65,12 +68,12 @@ def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
         from prefalign.yamlio import load_mapping
 
         config_path = validation.expand(config_path)
-        for key, value in load_mapping(config_path).items():
+        mapping = load_mapping(config_path)
+        unknown = [_hinted(key, names) for key in mapping if key.replace("-", "_") not in names]
+        if unknown:  # all of them at once: a file written for another tool has several
+            raise UserError(f"{config_path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+        for key, value in mapping.items():
             name = key.replace("-", "_")
-            if name not in names:
-                close = difflib.get_close_matches(name, names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise UserError(f"{config_path}: unknown key '{key}'{hint}")
             value = validation.coerce(name, value, types[name], config_path, ranges.get(name))
             _refuse_outside(name, value, ranges, config_path)
             values[name] = validation.expand(value) if name in paths else value
@@ -81,6 +84,11 @@ def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
         return cls(**values)
     except TypeError as e:  # a YAML value of the wrong type
         raise UserError(f"{config_path or 'flags'}: {e}") from None
+
+
+def _hinted(key: str, names) -> str:
+    close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
+    return f"'{key}' (did you mean '{close[0]}'?)" if close else f"'{key}'"
 
 
 def _refuse_outside(name: str, value, ranges: dict, where: str) -> None:
@@ -170,8 +178,8 @@ def cmd_iterate(args):
 
 def _compare_default(name: str):
     """The default of a compare flag that comes from the task (None in CompareSettings), in words."""
-    from prefalign.demo.pipeline import MAX_NEW_TOKENS, DemoSettings
-    from prefalign.online.compare import DEMO_FIELDS, USER_DEFAULTS
+    from prefalign.demo.settings import MAX_NEW_TOKENS, DemoSettings
+    from prefalign.online.settings import DEMO_FIELDS, USER_DEFAULTS
 
     if name not in USER_DEFAULTS:
         return None
@@ -191,40 +199,38 @@ def cmd_compare(args):
 
 
 def register(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    from prefalign.online.compare import CompareSettings
-    from prefalign.online.grpo import GRPOConfig
-    from prefalign.online.iterative import IterativeConfig
+    # The settings classes only: the loops (torch, transformers) load when a command runs.
+    from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig
 
-    p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored",
-                       formatter_class=fmt)
-    p.add_argument("--model", type=path_arg, required=True)
-    p.add_argument("--tokenizer", type=path_arg, default="")
-    p.add_argument("--prompts", type=path_arg, required=True, help="a file with a `prompt` column (jsonl/json/parquet/csv)")
-    p.add_argument("--output", type=path_arg, required=True, help="JSONL: prompt, completion, sample, finish_reason, num_tokens")
+    p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored")
+    p.add_argument("--model", type=path_arg, required=True, help="model: a local path or a hub id (required)")
+    p.add_argument("--tokenizer", type=path_arg, default="", help="tokenizer path or hub id (default: the model's)")
+    p.add_argument("--prompts", type=path_arg, required=True, help="a file with a `prompt` column (jsonl/json/parquet/csv) (required)")
+    p.add_argument("--output", type=path_arg, required=True, help="JSONL: prompt, completion, sample, finish_reason, num_tokens (required)")
     add_ranged(p, "--n", int, ">= 1", "samples per prompt", default=1)
-    add_ranged(p, "--max-new-tokens", int, ">= 1", default=128)
-    add_ranged(p, "--max-prompt-length", int, ">= 1", default=512)
-    add_ranged(p, "--temperature", float, ">= 0", "0 = greedy", default=1.0)
-    add_ranged(p, "--top-p", float, "(0, 1]", default=1.0)
-    add_ranged(p, "--top-k", int, ">= 0", "0 = off", default=0)
-    p.add_argument("--stop", nargs="+", help="stop strings")
-    add_ranged(p, "--seed", int, "[0, 2**32)", default=0)
-    add_ranged(p, "--batch-size", int, ">= 1", default=64)
-    p.add_argument("--reward", nargs="+", help="also score each completion (reward specs)")
+    add_ranged(p, "--max-new-tokens", int, ">= 1", "new tokens per completion", default=128)
+    add_ranged(p, "--max-prompt-length", int, ">= 1", "max prompt tokens (longer prompts are truncated)",
+               default=512)
+    add_ranged(p, "--temperature", float, ">= 0", "sampling temperature; 0 = greedy", default=1.0)
+    add_ranged(p, "--top-p", float, "(0, 1]", "nucleus sampling p", default=1.0)
+    add_ranged(p, "--top-k", int, ">= 0", "top-k sampling; 0 = off", default=0)
+    p.add_argument("--stop", nargs="+", help="stop strings (default: none; EOS always stops)")
+    add_ranged(p, "--seed", int, "[0, 2**32)", "sampling seed", default=0)
+    add_ranged(p, "--batch-size", int, ">= 1", "rows decoded together", default=64)
+    p.add_argument("--reward", nargs="+", help="also score each completion with these reward specs (default: none)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("grpo", help="GRPO: group sampling, verifier/reward-model rewards, clipped surrogate + KL",
                        description="Every flag is also a key of --config (YAML); flags win.")
-    p.add_argument("--config", type=path_arg, default="", help="YAML file of GRPOConfig keys")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of GRPOConfig keys (default: none)")
     add_dataclass_flags(p, GRPOConfig)
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("iterate", help="iterative DPO: generate -> score -> best-vs-worst pairs -> DPO, in rounds",
                        description="Every flag is also a key of --config (YAML); flags win.")
-    p.add_argument("--config", type=path_arg, default="", help="YAML file of IterativeConfig keys")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of IterativeConfig keys (default: none)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a `prefalign train` config key for each round's DPO (repeatable), e.g. --set warmup_steps=10")
+                   help="a `prefalign train` config key for each round's DPO (repeatable), e.g. --set warmup_steps=10 (default: none)")
     add_dataclass_flags(p, IterativeConfig)
     p.set_defaults(func=cmd_iterate)
 

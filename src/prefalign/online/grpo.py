@@ -39,7 +39,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,92 +47,12 @@ from prefalign import logprobs
 from prefalign.data.batching import pad_sequences
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
-from prefalign.losses.grpo import AGGREGATIONS, SCALES, group_advantages, grpo_loss
+from prefalign.losses.grpo import group_advantages, grpo_loss
 from prefalign.metrics import Console, MetricsLog, peak_memory_mb
 from prefalign.online.generate import SamplingConfig, generate
 from prefalign.online.rewards import CombinedReward, combine, load_reward
-from prefalign.validation import check_table
+from prefalign.online.settings import GRPOConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
 from prefalign.train import lr_lambda, step_indices
-
-
-@dataclass
-class GRPOConfig:
-    """Every knob of a GRPO run (also the flags of `prefalign grpo`: steps <-> --steps)."""
-
-    model: str = ""                 # path or hub id (unless a model object is passed)
-    tokenizer: str = ""             # default: the model's
-    ref_model: str = ""             # reference for the KL term (default: a frozen copy of the initial policy)
-    prompts: str = ""               # prompt file (jsonl/json/parquet/csv): a `prompt` column + extra columns
-    reward: list = field(default_factory=list)           # reward specs (see online.rewards.load_reward)
-    reward_weights: list = field(default_factory=list)   # one per reward (default 1 each)
-    output: str = ""
-    # sampling
-    steps: int = 100                # generation batches
-    prompts_per_step: int = 8       # P
-    group_size: int = 8             # G samples per prompt
-    max_new_tokens: int = 64
-    max_prompt_length: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    generation_batch_size: int = 64  # rows decoded together
-    # the objective
-    scale: str = "group"            # advantage scaling: group | batch | none (Dr. GRPO)
-    aggregation: str = "grpo"       # grpo | dr_grpo | dapo
-    clip_eps: float = 0.2
-    clip_eps_high: float = 0.0      # 0 = clip_eps (DAPO's clip-higher sets e.g. 0.28)
-    beta: float = 0.0               # KL coefficient; 0 = no reference model is loaded
-    mu: int = 1                     # optimizer steps per generation batch
-    micro_batch: int = 0            # completions per forward/backward (0 = the whole batch)
-    # optimisation
-    lr: float = 1e-6
-    warmup_steps: int = 0           # in optimizer steps
-    lr_schedule: str = "constant"   # constant | linear | cosine
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0      # 0 = off
-    precision: str = "fp32"         # fp32 | bf16 (autocast; fp32 master weights)
-    chunk_size: int = 0             # tokens per chunk of the log-prob head (0 = automatic)
-    packing: bool = True            # one segment [prompt | G completions] per group, no padding; off = padded rows
-    token_budget: int = 0           # tokens per packed row (0 = the longest group of the micro-batch)
-    seed: int = 0
-    # run
-    log_every: int = 1
-    progress: bool = True
-    save_model: bool = True
-    overwrite: bool = False
-
-    # The documented range of every numeric field (validation.Range specs, shown in the flags' help;
-    # each also refuses nan and inf). group_size >= 2: advantages compare the samples of a group.
-    RANGES = {
-        "reward_weights": "finite", "steps": ">= 1", "prompts_per_step": ">= 1", "group_size": ">= 2",
-        "max_new_tokens": ">= 1", "max_prompt_length": ">= 1", "temperature": "> 0", "top_p": "(0, 1]",
-        "top_k": ">= 0", "generation_batch_size": ">= 1", "clip_eps": "(0, 1)", "clip_eps_high": ">= 0",
-        "beta": ">= 0", "mu": ">= 1", "micro_batch": ">= 0", "lr": "(0, 1)", "warmup_steps": ">= 0",
-        "weight_decay": ">= 0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "max_grad_norm": ">= 0",
-        "chunk_size": ">= 0", "token_budget": ">= 0", "seed": "[0, 2**32)", "log_every": ">= 1",
-    }
-    PATHS = ("model", "tokenizer", "ref_model", "prompts", "output")
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        if isinstance(self.reward, str):
-            self.reward = [self.reward]
-        check_table(self, self.RANGES, "grpo config")
-        checks = [
-            (self.scale in SCALES, f"scale must be one of {', '.join(SCALES)}; got {self.scale!r}"),
-            (self.aggregation in AGGREGATIONS, f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}"),
-            (self.lr_schedule in ("constant", "linear", "cosine"), f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16; got {self.precision!r}"),
-            (not self.reward_weights or len(self.reward_weights) == len(self.reward),
-             f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(f"grpo config: {msg}")
 
 
 @dataclass

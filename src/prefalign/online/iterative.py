@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,94 +39,8 @@ from prefalign.online.grpo import (
     PromptSet, autocast_for, load_policy, load_prompts, make_reward, plot_run, prepare_output, write_config,
 )
 from prefalign.online.pairs import build_pairs, write_pairs
+from prefalign.online.settings import REFERENCES, IterativeConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
 from prefalign.train import step_indices
-from prefalign.validation import check_table
-
-REFERENCES = ("fixed", "moving")
-
-
-@dataclass
-class IterativeConfig:
-    """Every knob of an iterative DPO run (also the flags of `prefalign iterate`)."""
-
-    model: str = ""
-    tokenizer: str = ""
-    prompts: str = ""                # prompt file: a `prompt` column + extra columns for the reward
-    reward: list = field(default_factory=list)
-    reward_weights: list = field(default_factory=list)
-    output: str = ""
-    # rounds and sampling
-    rounds: int = 3
-    prompts_per_round: int = 64
-    samples: int = 8                 # completions per prompt
-    max_new_tokens: int = 64
-    max_prompt_length: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    generation_batch_size: int = 64
-    # pairs
-    min_gap: float = 0.0             # a pair needs chosen - rejected reward >= min_gap (and > 0)
-    pairs_per_prompt: int = 1
-    reference: str = "fixed"         # fixed | moving
-    # DPO in each round (any TrainConfig key can be set through train_overrides)
-    loss: str = "dpo"
-    beta: float = 0.1
-    lr: float = 5e-7
-    dpo_steps: int = 0               # optimizer steps per round (0 = `epochs` over the round's pairs)
-    epochs: float = 1.0
-    batch_size: int = 8
-    precision: str = "fp32"
-    seed: int = 0
-    train_overrides: dict = field(default_factory=dict)
-    progress: bool = True
-    save_model: bool = True
-    overwrite: bool = False
-
-    # The documented range of every numeric field (validation.Range specs, shown in the flags' help;
-    # each also refuses nan and inf). samples >= 2: a pair needs two completions; temperature > 0:
-    # pairs need diverse samples. The DPO keys are checked again by the trainer's config.
-    RANGES = {
-        "reward_weights": "finite", "rounds": ">= 1", "prompts_per_round": ">= 1", "samples": ">= 2",
-        "max_new_tokens": ">= 1", "max_prompt_length": ">= 1", "temperature": "> 0", "top_p": "(0, 1]",
-        "top_k": ">= 0", "generation_batch_size": ">= 1", "min_gap": ">= 0", "pairs_per_prompt": ">= 1",
-        "beta": "> 0", "lr": "(0, 1)", "dpo_steps": ">= 0", "epochs": "> 0", "batch_size": ">= 1",
-        "seed": "[0, 2**31)",  # round r trains with seed + r, which must stay in the trainer's [0, 2**32)
-    }
-    PATHS = ("model", "tokenizer", "prompts", "output")
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        if isinstance(self.reward, str):
-            self.reward = [self.reward]
-        check_table(self, self.RANGES, "iterate config")
-        checks = [
-            (self.reference in REFERENCES, f"reference must be fixed or moving; got {self.reference!r}"),
-            (not self.reward_weights or len(self.reward_weights) == len(self.reward),
-             f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(f"iterate config: {msg}")
-        from prefalign.losses import get_loss
-
-        if get_loss(self.loss).kind != "paired":  # unknown names: a UserError with a suggestion
-            raise UserError(f"iterate config: loss {self.loss} is not a paired loss; rounds build pairs")
-        self.train_config(os.path.join(self.output or ".", "round-1"), "pairs.jsonl", 1)  # validates the DPO keys
-
-    def train_config(self, output: str, data: str, round_: int):
-        """The offline trainer's config for one round."""
-        from prefalign import config
-
-        values = dict(data=data, output=output, loss=self.loss, beta=self.beta, lr=self.lr, max_steps=self.dpo_steps,
-                      epochs=self.epochs, batch_size=self.batch_size, precision=self.precision,
-                      seed=self.seed + round_, max_prompt_length=self.max_prompt_length,
-                      max_length=self.max_prompt_length + self.max_new_tokens + 1,  # + the EOS the data adds
-                      progress=self.progress, overwrite=True, save_model=False)
-        values.update(self.train_overrides)
-        return config.build(values, where="iterate")
 
 
 @dataclass
