@@ -84,24 +84,34 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_ne
 
 
 def run_eval(args, *, model=None, tokenizer=None, ref_model=None) -> dict:
-    """`prefalign eval`: held-out metrics of a trained model against its reference.
+    """`prefalign eval`: held-out metrics of a trained model against its reference. Pairs: the dpo
+    loss, implicit-reward accuracy (chosen above rejected) and margins. KTO rows (prompt, completion,
+    label): the kto loss, rewards/accuracies = share of rows whose implicit reward beta * (log pi -
+    log ref) has the label's sign (> 0 desirable, < 0 undesirable), rewards/chosen and /rejected =
+    mean reward of the desirable and undesirable rows, margins their difference, kl the KTO baseline.
     Model objects, when given, stand in for the paths (prefalign.evaluate, the Python API)."""
     import json
 
     from prefalign import config, report
+    from prefalign.data.formats import load_examples
     from prefalign.errors import UserError
 
     if not args.ref_model and ref_model is None:
         raise UserError("eval needs --ref-model: the implicit reward and the KL are measured against it")
+    # KTO data (prompt, completion, label) is scored with the kto loss; pairs with dpo.
+    unpaired = load_examples(args.data, kind="auto").kind == "unpaired"
     cfg = config.build({"model": args.model, "ref_model": args.ref_model or "", "data": args.data,
-                        "tokenizer": getattr(args, "tokenizer", None) or "", "loss": "dpo",
+                        "tokenizer": getattr(args, "tokenizer", None) or "", "loss": "kto" if unpaired else "dpo",
                         "beta": args.beta, "reference": "copy", "batch_size": args.batch_size,
                         "max_length": args.max_length, "progress": False}, where="eval")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s = prepare.build(cfg, device=device, model=model, tokenizer=tokenizer, ref_model=ref_model)
     ac = prepare.autocast(cfg, device)
     out = pair_metrics(s, cfg, ac, items=s.items)
-    results = {"pairs": len(s.items), **{k: v for k, v in out.items() if not k.startswith("nll")}}
+    results = {"examples" if unpaired else "pairs": len(s.items),
+               **{k: v for k, v in out.items() if not k.startswith("nll")}}
+    if unpaired:
+        results["rewards/accuracies"] = results.pop("accuracy/reward_sign")
     if args.samples:
         prompts = [it.prompt_ids for it in s.items[:args.samples]]
         results.update(sampled_kl(s.policy, s.reference, s.tokenizer, prompts, max_new_tokens=args.max_new_tokens))
