@@ -50,7 +50,7 @@ def test_the_readme_example(tmp_path):
 def test_keyword_fields_dataset_sft_evaluate_generate(tmp_path):
     import datasets
 
-    from prefalign import evaluate, generate, sft, train
+    from prefalign import TrainConfig, evaluate, generate, sft, train
 
     tok = make_tokenizer()
     # keywords instead of a TrainConfig, a datasets.Dataset as data, paths as models
@@ -61,9 +61,10 @@ def test_keyword_fields_dataset_sft_evaluate_generate(tmp_path):
               lr=1e-3, max_length=64, output=str(tmp_path / "ipo"))
     assert r.steps == 2 and len(r.history) == 2 and os.path.isfile(tmp_path / "ipo" / "model" / "model.safetensors")
 
-    s = sft(model=make_model("llama", seed=0), tokenizer=tok, data=[{"prompt": "a", "completion": " b"}] * 4,
-            max_steps=2, batch_size=2, max_length=32, output=str(tmp_path / "sft"))
+    s = sft(TrainConfig(max_steps=2, batch_size=2, max_length=32), model=make_model("llama", seed=0), tokenizer=tok,
+            data=[{"prompt": "a", "completion": " b"}] * 4, output=str(tmp_path / "sft"))
     assert s.history[-1]["loss"] < s.history[0]["loss"]
+    assert "rewards/accuracies" not in s.history[0]  # loss sft, although TrainConfig's default loss is dpo
 
     same = evaluate(str(base), str(base), ROWS, batch_size=4, max_length=64)
     assert same["pairs"] == 8 and same["rewards/margins"] == pytest.approx(0, abs=1e-6)

@@ -36,7 +36,10 @@ def data_path(data, where: str = "data") -> str:
 
 
 def _config(cfg: TrainConfig | None, fields: dict, base: dict) -> TrainConfig:
-    values = {**base, **(dataclasses.asdict(cfg) if cfg is not None else {}), **fields}
+    # cfg's fields left at their defaults do not override the command's defaults (sft's loss and lr).
+    defaults = dataclasses.asdict(TrainConfig())
+    given = {k: v for k, v in dataclasses.asdict(cfg).items() if v != defaults[k]} if cfg is not None else {}
+    values = {**base, **given, **fields}
     for key in ("data", "eval_data"):
         if key in values:
             values[key] = data_path(values[key], key)
