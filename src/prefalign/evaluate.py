@@ -83,29 +83,46 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_ne
             "lengths/sampled": torch.cat(lengths).mean().item()}
 
 
-def run_eval(args) -> dict:
-    """`prefalign eval`: held-out metrics of a trained model against its reference."""
+def run_eval(args, *, model=None, tokenizer=None, ref_model=None) -> dict:
+    """`prefalign eval`: held-out metrics of a trained model against its reference. Pairs: the dpo
+    loss, implicit-reward accuracy (chosen above rejected) and margins. KTO rows (prompt, completion,
+    label): the kto loss, rewards/accuracies = share of rows whose implicit reward beta * (log pi -
+    log ref) has the label's sign (> 0 desirable, < 0 undesirable), rewards/chosen and /rejected =
+    mean reward of the desirable and undesirable rows, margins their difference, kl the KTO baseline.
+    Model objects, when given, stand in for the paths (prefalign.evaluate, the Python API)."""
     import json
 
     from prefalign import config, report
+    from prefalign.data.formats import load_examples
     from prefalign.errors import UserError
 
-    if not args.ref_model:
+    if not args.ref_model and ref_model is None:
         raise UserError("eval needs --ref-model: the implicit reward and the KL are measured against it")
-    cfg = config.build({"model": args.model, "ref_model": args.ref_model, "data": args.data, "loss": "dpo",
+    # KTO data (prompt, completion, label) is scored with the kto loss; pairs with dpo.
+    unpaired = load_examples(args.data, kind="auto").kind == "unpaired"
+    cfg = config.build({"model": args.model, "ref_model": args.ref_model or "", "data": args.data,
+                        "tokenizer": getattr(args, "tokenizer", None) or "", "loss": "kto" if unpaired else "dpo",
                         "beta": args.beta, "reference": "copy", "batch_size": args.batch_size,
                         "max_length": args.max_length, "progress": False}, where="eval")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s = prepare.build(cfg, device=device)
+    s = prepare.build(cfg, device=device, model=model, tokenizer=tokenizer, ref_model=ref_model)
     ac = prepare.autocast(cfg, device)
     out = pair_metrics(s, cfg, ac, items=s.items)
-    results = {"pairs": len(s.items), **{k: v for k, v in out.items() if not k.startswith("nll")}}
+    results = {"examples" if unpaired else "pairs": len(s.items),
+               **{k: v for k, v in out.items() if not k.startswith("nll")}}
+    if unpaired:
+        results["rewards/accuracies"] = results.pop("accuracy/reward_sign")
     if args.samples:
         prompts = [it.prompt_ids for it in s.items[:args.samples]]
         results.update(sampled_kl(s.policy, s.reference, s.tokenizer, prompts, max_new_tokens=args.max_new_tokens))
-    report.print_table([{"metric": k, "value": v} for k, v in results.items()], title=f"eval {args.model}")
-    if args.json:
+    if not getattr(args, "quiet", False):
+        report.print_table([{"metric": k, "value": v} for k, v in results.items()], title=f"eval {args.model}")
+    if getattr(args, "json", None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
     return results
+
+
+# `prefalign.evaluate(...)` is the Python API's evaluate (prefalign.api.evaluate); see prefalign/__init__.py.
+__import__("prefalign").callable_module(__name__, "evaluate")

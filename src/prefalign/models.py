@@ -13,7 +13,7 @@ import os
 import torch
 from safetensors import SafetensorError
 
-from prefalign import gguf
+from prefalign import gguf, sources
 from prefalign.errors import UserError
 
 
@@ -27,8 +27,9 @@ def _check_source(path: str, what: str) -> None:
     if looks_local:
         if not os.path.isdir(os.path.expanduser(path)):
             raise UserError(f"{what} path not found: {path}")
-        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")) and what == "model":
-            raise UserError(f"{path}: not a model directory (no config.json)")
+        if (what == "model" and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
+                and sources.resolve_model_source(path).kind == "plain"):
+            raise UserError(f"{path}: not a model directory (no config.json, no LoRA adapter, not a checkpoint)")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -37,6 +38,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     if gguf.is_gguf(path):  # a llama.cpp file: vocabulary and chat template from its metadata
         return _with_pad(gguf.load_tokenizer(path), path)
+    path = sources.tokenizer_source(path)  # a LoRA adapter or checkpoint folder: its tokenizer's place
     _check_source(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
@@ -66,6 +68,10 @@ def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype
             raise UserError(f"{path}: --qlora needs a model directory; convert the file first "
                             f"(python -m prefalign.gguf {path} OUT_DIR)")
         return gguf.load_model(path, dtype=dtype, attention=attention)
+    src = sources.resolve_model_source(path)  # a LoRA adapter or a checkpoint: its base, then its weights
+    if src.kind != "plain":
+        return sources.load(src, lambda base: load_model(base, trust_remote_code=trust_remote_code, dtype=dtype,
+                                                         attention=attention), qlora=qlora)
     _check_source(path, "model")
     # Loading info + no exception on size mismatches: prefalign itself refuses missing or
     # mismatched tensors (transformers would only print a report and train on random weights).
@@ -209,6 +215,7 @@ def save_model(model, tokenizer, path: str, merged_path: str | None = None) -> N
                 rundir.remove(tmp)
         os.makedirs(tmps[0])
         model.save_pretrained(tmps[0], safe_serialization=True)
+        sources.absolute_base(tmps[0])  # a LoRA adapter then loads from any directory
         tokenizer.save_pretrained(tmps[0])
         if len(tmps) > 1:
             import copy

@@ -261,6 +261,8 @@ def kto_loss(plan: LossPlan, cfg, policy: logprobs.SeqLogps, ref: logprobs.SeqLo
         "kl/clamped": kl.detach().clamp(min=0) * len(d),
         "rewards/chosen": (out.chosen_rewards * d).sum(),
         "rewards/rejected": (out.rejected_rewards * (1 - d)).sum(),
+        # The implicit reward's sign agrees with the label: KTO's counterpart of pairwise accuracy.
+        "accuracy/reward_sign": ((out.chosen_rewards > 0).float() == d).float().sum(),
         "count/desirable": d.sum(),
         "count/undesirable": (1 - d).sum(),
         "logps/chosen": (policy.sum.detach() * d).sum(),

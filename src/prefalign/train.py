@@ -478,3 +478,7 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
         raise UserError(f"stopped after {stopped} (step {done}); checkpoint saved in {ckpt_root}. "
                         f"Check the data rows logged above, lower --lr, or use --precision fp32")
     return RunResult(cfg.output, done, history, final_eval, stopped, final, s.tokenizer)
+
+
+# `prefalign.train(...)` is the Python API's train (prefalign.api.train); see prefalign/__init__.py.
+__import__("prefalign").callable_module(__name__, "train")

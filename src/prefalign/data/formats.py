@@ -1,10 +1,9 @@
 """Read preference data and normalize every row into one of three example types.
 
-Sources (read_records): .jsonl/.ndjson, .json (a list of objects, {"data": [...]}, or JSON
-Lines saved as .json), .parquet, .csv, a directory written by `datasets` save_to_disk, or a
-hub dataset name (through datasets.load_dataset). Rows are numbered from 1; in JSON Lines the
-row number is the line number (blank lines are skipped but still counted), so an editor jumps
-straight to it.
+Sources (read_records): .jsonl/.ndjson, .json (a list of objects, {"data": [...]}, or JSON Lines saved as
+.json), .parquet, .csv, a directory written by `datasets` save_to_disk, or a hub dataset name (through
+datasets.load_dataset). Rows are numbered from 1; in JSON Lines the row number is the line number (blank lines
+are skipped but still counted), so an editor jumps straight to it.
 
 Formats, detected per row from its fields (kind="auto"), or forced with kind=...:
 
@@ -31,13 +30,12 @@ KTO labels must be booleans (JSON true/false, a Parquet bool). CSV has no types,
 strings "true"/"false" (any case) are accepted. Anything else ("yes", 1, 1.0, a score) is a bad
 row: guessing what 1 or "y" means is how a dataset's labels silently flip.
 
-Bad rows (missing or misnamed fields, wrong types, empty strings, chosen == rejected, unknown
-roles, a row whose format differs from the first row's; in JSON, text holding a lone surrogate such
-as "\\ud800", which is not Unicode and which no tokenizer or file can take, and values nested more
-than MAX_DEPTH levels deep) raise a UserError naming the file, row and
-field, or, with on_bad_row="skip", are counted and written with their reason to rejects_path.
-Problems with the whole file (missing, empty, not what its extension says, a CSV header naming a
-column twice, a .json file nested too deeply to parse) always raise.
+Bad rows (missing or misnamed fields, wrong types, empty strings, chosen == rejected, unknown roles, a row
+whose format differs from the first row's; in JSON, text holding a lone surrogate such as "\\ud800", which is
+not Unicode and which no tokenizer or file can take, and values nested more than MAX_DEPTH levels deep) raise
+a UserError naming the file, row and field, or, with on_bad_row="skip", are counted and written with their
+reason to rejects_path. Problems with the whole file (missing, empty, not what its extension says, a CSV
+header naming a column twice, a .json file nested too deeply to parse) always raise.
 """
 
 from __future__ import annotations
@@ -523,8 +521,10 @@ def _unpaired(data: dict, rec: Record, label_required: bool = True) -> UnpairedE
 
 
 def _sft(data: dict, rec: Record) -> UnpairedExample:
-    """SFT rows: prompt + completion; a label is optional (rows labelled false are not trained on)."""
-    return _unpaired(data, rec, label_required=False)
+    """prompt + completion (label optional: false rows are not trained on), or TRL's messages/text (sft_rows.py)."""
+    from prefalign.data import sft_rows  # it imports this module
+
+    return sft_rows.example(data, rec)
 
 
 def _prompt_only(data: dict, rec: Record) -> PromptExample:

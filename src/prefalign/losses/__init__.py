@@ -28,7 +28,11 @@ from torch import Tensor
 from ..errors import UserError
 from . import pairwise, unpaired
 from .pairwise import LossOutput, log_odds, logratios
-from .unpaired import kto_kl_estimate
+# The loss functions themselves, for use outside the trainer: `from prefalign.losses import dpo`.
+from .pairwise import (aot, aot_unpaired, apo_down, apo_zero, bco_pair, discopop, dpo, exo_pair, hinge, ipo,
+                       nca_pair, orpo, robust, simpo, sppo_hard)
+from .grpo import group_advantages, grpo_loss
+from .unpaired import kto, kto_kl_estimate
 
 __all__ = [
     "LossOutput",
@@ -44,6 +48,9 @@ __all__ = [
     "kto_kl_estimate",
     "log_odds",
     "logratios",
+    # the loss functions
+    "aot", "aot_unpaired", "apo_down", "apo_zero", "bco_pair", "discopop", "dpo", "exo_pair", "hinge",
+    "group_advantages", "grpo_loss", "ipo", "kto", "nca_pair", "orpo", "robust", "simpo", "sppo_hard",
 ]
 
 
