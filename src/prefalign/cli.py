@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     # heavy modules load inside its cmd_* function, so --help answers in well under a second.
     parser = _Parser(prog="prefalign", description="Align language models with preference data.")
     parser.add_argument("--version", action="version", version=f"prefalign {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' own loading bars and warnings (default: hidden)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _train_parser(sub, "train", "train with a preference loss (dpo, ipo, kto, orpo, simpo, ...)").set_defaults(func=cmd_train)
@@ -283,6 +285,8 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         args.argv = argv  # for --num-processes, which runs the same command again on N processes
+        if args.verbose:
+            os.environ["PREFALIGN_VERBOSE"] = "1"  # read where models load (models.verbose)
         rc = args.func(args)
         return rc if isinstance(rc, int) else 0
     except UserError as e:

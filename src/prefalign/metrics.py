@@ -100,6 +100,25 @@ def progress_info(record: dict, keys) -> str:
     return "  ".join(parts)
 
 
+EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins")  # the held-out figures the console shows
+
+
+def run_summary(*, stats: dict, steps: int, start: int, batch: int, accum: int, world: int, unit: str,
+                trainable: int, params: int, precision: str, reference: str, tokens_per_step: float) -> str:
+    """The run in two lines, printed once before the first step: what was read, what will run."""
+    resumed = f" (resuming at step {start})" if start else ""
+    return (f"data: {stats.get('rows', 0)} rows used, {stats.get('skipped', 0)} skipped, "
+            f"{stats.get('truncated', 0)} truncated\n"
+            f"run: {steps} steps{resumed} of {batch * accum * world} {unit} (batch {batch} x accum {accum} x "
+            f"{world} processes), ~{tokens_per_step:.0f} tokens/step, {trainable:,} of {params:,} parameters "
+            f"trainable ({100 * trainable / max(params, 1):.2f}%), precision {precision}, reference {reference}")
+
+
+def plain_every(total: int) -> int:
+    """Steps between two plain progress lines: about 20 per run."""
+    return max(1, total // 20)
+
+
 class Console:
     """A progress bar with ETA and the key figures (rich), or plain lines when not a TTY."""
 
@@ -114,6 +133,9 @@ class Console:
         self.t0 = time.time()
         self.start = start
         self.progress = None
+        # Without a terminal (a log file, a job scheduler) one line per step buries the log: about
+        # 20 lines per run, plus the last step's.
+        self.every = plain_every(total)
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -129,7 +151,7 @@ class Console:
         info = progress_info(record, self.KEYS)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
-        else:
+        elif step % self.every == 0 or step == self.total:
             done = step - self.start
             eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
             print(f"step {step}/{self.total}  {info}  eta {eta:.0f}s", file=sys.stderr, flush=True)
@@ -143,3 +165,36 @@ class Console:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+class Phase:
+    """Progress of a phase before training (the reference pass): a rich bar on a terminal, else
+    a plain line about every tenth of the way and at the end. Call it with the units just done."""
+
+    def __init__(self, label: str, total: int, enabled: bool):
+        self.label, self.total, self.done, self.t0 = label, total, 0, time.time()
+        self.enabled, self.bar, self.next_line = enabled and total > 0, None, 0
+        if self.enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=True)
+            self.task = self.bar.add_task(label, total=total)
+            self.bar.start()
+
+    def __call__(self, n: int) -> None:
+        if not self.enabled:
+            return
+        self.done = min(self.total, self.done + n)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+            if self.done >= self.total:
+                self.bar.stop()
+        elif self.done >= self.next_line or self.done == self.total:
+            self.next_line = self.done + max(1, self.total // 10)
+            print(f"{self.label}: {self.done}/{self.total}  {time.time() - self.t0:.0f}s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -13,7 +13,7 @@ import os
 import torch
 from safetensors import SafetensorError
 
-from prefalign import gguf, sources
+from prefalign import gguf, paths, sources
 from prefalign.errors import UserError
 
 
@@ -23,13 +23,18 @@ def _check_source(path: str, what: str) -> None:
         return
     if not path:
         raise UserError(f"no {what} given (--{what})")
-    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
-    if looks_local:
+    if paths.looks_local(path) or os.path.exists(os.path.expanduser(path)):
         if not os.path.isdir(os.path.expanduser(path)):
-            raise UserError(f"{what} path not found: {path}")
+            raise UserError(f"{what} path not found: {path}{paths.did_you_mean(path, dirs_only=True)}")
         if (what == "model" and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
                 and sources.resolve_model_source(path).kind == "plain"):
             raise UserError(f"{path}: not a model directory (no config.json, no LoRA adapter, not a checkpoint)")
+    elif "/" not in path:  # a hub model id is owner/name: a bare word can only be a local folder
+        raise UserError(f"no such {what} directory {path!r} (a hub id looks like owner/name)"
+                        f"{paths.did_you_mean(path, dirs_only=True)}")
+    elif paths.hub_offline() and not paths.in_hub_cache(path):
+        raise UserError(f"{what} {path}: no such directory, and HF_HUB_OFFLINE is set and the hub cache "
+                        f"does not hold it{paths.did_you_mean(path, dirs_only=True)}")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -41,7 +46,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     path = sources.tokenizer_source(path)  # a LoRA adapter or checkpoint folder: its tokenizer's place
     _check_source(path, "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
+        with quiet_third_party():
+            tok = AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
     return _with_pad(tok, path)
@@ -82,7 +88,7 @@ def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype
     if qlora:
         kwargs["quantization_config"] = _qlora_config()
     try:
-        with _quiet_load_report():
+        with _quiet_load_report(), quiet_third_party():
             model, info = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
     except SafetensorError as e:
         raise UserError(f"{path}: the safetensors weights are truncated or corrupted ({e})") from None
@@ -121,6 +127,46 @@ def check_vocab(tokenizer, model, model_path: str) -> None:
         raise UserError(f"the tokenizer has ids up to {largest} but the model {model_path or '(in-process)'} has "
                         f"only {rows} embedding rows; use the model's own tokenizer (--tokenizer) or resize "
                         f"its embeddings")
+
+
+def verbose() -> bool:
+    """`prefalign -v`: third-party progress bars and warnings are shown (an environment variable, so
+    the processes of --num-processes inherit it)."""
+    return os.environ.get("PREFALIGN_VERBOSE", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet_third_party():
+    """transformers' "Loading weights" bars and the libraries' FutureWarnings, off while prefalign
+    loads a model or tokenizer (unless -v): they speak to library authors, not to users, and bury
+    prefalign's own lines. Only during loading: warnings from the user's own code stay on."""
+    if verbose():
+        yield
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    noisy = [hf_logging.get_logger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(hf_logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(noisy, levels):
+            logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+# Loggers that warn on every load of a sound model ("The following layers were not sharded": a
+# tensor-parallel plan nobody asked for).
+_NOISY_LOGGERS = ("transformers.distributed.tensor_parallel",)
 
 
 @contextlib.contextmanager
@@ -214,15 +260,16 @@ def save_model(model, tokenizer, path: str, merged_path: str | None = None) -> N
             if os.path.exists(tmp):
                 rundir.remove(tmp)
         os.makedirs(tmps[0])
-        model.save_pretrained(tmps[0], safe_serialization=True)
-        sources.absolute_base(tmps[0])  # a LoRA adapter then loads from any directory
-        tokenizer.save_pretrained(tmps[0])
-        if len(tmps) > 1:
-            import copy
+        with quiet_third_party():  # transformers' "Writing model shards" bar
+            model.save_pretrained(tmps[0], safe_serialization=True)
+            sources.absolute_base(tmps[0])  # a LoRA adapter then loads from any directory
+            tokenizer.save_pretrained(tmps[0])
+            if len(tmps) > 1:
+                import copy
 
-            merged = copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(tmps[1], safe_serialization=True)
-            tokenizer.save_pretrained(tmps[1])
+                merged = copy.deepcopy(model).merge_and_unload()
+                merged.save_pretrained(tmps[1], safe_serialization=True)
+                tokenizer.save_pretrained(tmps[1])
         for tmp, final in zip(tmps, targets):
             rundir.follow_umask(tmp)
             rundir.swap_in(tmp, final)

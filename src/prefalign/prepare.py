@@ -20,6 +20,7 @@ from prefalign.data.formats import load_examples, pairs_to_unpaired
 from prefalign.data.tokenize import tokenize_examples
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
+from prefalign.metrics import Phase
 from prefalign.objective import LossPlan, loss_plan
 
 
@@ -67,7 +68,8 @@ def load_items(cfg: TrainConfig, tokenizer, path: str, kind: str, rejects_path: 
         log(f"{path}: truncated {result.stats['truncated']} rows to max_length {cfg.max_length}")
     if not result.items:
         raise UserError(f"{path}: no usable rows")
-    return result.items, {"rows": len(result.items), "skipped": skipped, **result.stats}
+    # After the tokenizer's own counts: rows used, and rows skipped by reading and tokenizing both.
+    return result.items, {**result.stats, "rows": len(result.items), "skipped": skipped}
 
 
 @dataclass
@@ -206,7 +208,11 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
         cache_dir = cfg.cache_dir or os.path.join(cfg.output, "ref_cache")
         log(f"precomputing reference log-probs for {len(items) + len(eval_items)} pairs (cache {cache_dir})")
         batches = reference_batches(cfg, len(items), len(eval_items), rank, world)
-        reference = refs.precompute(reference, items + eval_items, batches, cache_dir, key, accelerator, log=log)
+        phase = Phase("reference", len(items) + len(eval_items),
+                      cfg.progress and (accelerator is None or accelerator.is_main_process))
+        reference = refs.precompute(reference, items + eval_items, batches, cache_dir, key, accelerator,
+                                    progress=phase, log=log)
+        phase.close()
         ref_model = None  # the reference model is freed: training runs no reference forward
         gc.collect()
     return Setup(tokenizer, model, reference, spec, items, eval_items, stats)

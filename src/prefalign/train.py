@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from prefalign import checkpoint, fingerprint, monitor, objective, prepare, rundir, sharding
+from prefalign import checkpoint, fingerprint, models, monitor, objective, prepare, rundir, sharding
 from prefalign.config import TrainConfig, to_dict
 from prefalign.errors import UserError
 from prefalign.logprobs import language_model
-from prefalign.metrics import Console, MetricsLog, peak_memory_mb
+from prefalign.metrics import EVAL_KEYS, Console, MetricsLog, peak_memory_mb, progress_info, run_summary
 from prefalign.reference import ModelReference
 
 
@@ -157,6 +157,12 @@ def _all_reduce_grads(params, world: int) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def item_tokens(item) -> int:
+    """Tokens one example feeds the policy: prompt + chosen + rejected, or prompt + completion."""
+    return (len(item.prompt_ids) + len(getattr(item, "chosen_ids", getattr(item, "completion_ids", [])))
+            + len(getattr(item, "rejected_ids", [])))
 
 
 def _logp_kw(s: prepare.Setup, cfg: TrainConfig) -> dict:
@@ -321,6 +327,7 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay)
     total = total_steps(cfg, len(s.items), world)
+    per_step = cfg.batch_size * cfg.grad_accum * world
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     ckpt_root = os.path.join(cfg.output, "checkpoints")
 
@@ -360,12 +367,16 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
     mon = monitor.for_run(s, cfg, total, trainer_state.get("monitor"))
     if mon is not None and mon.start is None:  # step 0: the policy before any update
         mon.observe(start, monitor.score(s, cfg, ac, mon.items))
+    trainable, n_params = models.trainable_parameters(s.policy)
+    say(run_summary(stats=s.data_stats, steps=total, start=start, batch=cfg.batch_size, accum=cfg.grad_accum,
+                    world=world, unit="pairs" if prepare.data_kind(s.spec) == "paired" else "examples",
+                    trainable=trainable, params=n_params, precision=cfg.precision, reference=s.reference.name,
+                    tokens_per_step=per_step * sum(map(item_tokens, s.items)) / len(s.items)))
     console = Console(total, cfg.progress and rank0, start, messages=rank0)
 
     # Weights already non-finite when loaded (a broken model) are not the update's doing: only
     # the others are watched, so an update that breaks them is caught.
     watched = [p for p, ok in zip(params, finite_each(params)) if ok]
-    per_step = cfg.batch_size * cfg.grad_accum * world
     history, stopped, nonfinite, done = [], "", trainer_state.get("nonfinite_in_row", 0), start
     skipped_steps = trainer_state.get("skipped_steps", 0)
 
@@ -404,8 +415,7 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
                 record["nonfinite/rows"] = rows
             opt.zero_grad(set_to_none=True)
             sched.step()
-            n_tokens = sum(len(i.prompt_ids) + len(getattr(i, "chosen_ids", getattr(i, "completion_ids", [])))
-                           + len(getattr(i, "rejected_ids", [])) for i in step_items)
+            n_tokens = sum(map(item_tokens, step_items))
             dt = time.time() - t0
             record.update({"step": step + 1, "epoch": (step + 1) * per_step / len(s.items),
                            "lr": sched.get_last_lr()[0] if finite else opt.param_groups[0]["lr"],
@@ -421,7 +431,9 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
                     if cfg.both_drop_stop:
                         stopped = "both-drop alarm"
             if s.eval_items and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-                record.update({f"eval/{k}": v for k, v in evaluate.pair_metrics(s, cfg, ac).items()})
+                held_out = evaluate.pair_metrics(s, cfg, ac)
+                record.update({f"eval/{k}": v for k, v in held_out.items()})
+                console.say(f"eval at step {step + 1}: {progress_info(held_out, EVAL_KEYS)}")
             # A skipped step or an alarm is always logged, whatever log_every says: they are the evidence.
             if (step + 1) % cfg.log_every == 0 or step + 1 == total or not finite or "alarm/both_drop" in record:
                 log.write(record)

@@ -48,6 +48,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from prefalign import paths
 from prefalign.data.jsonsafe import MAX_DEPTH, json_text, unusable
 from prefalign.errors import UserError
 
@@ -179,9 +180,9 @@ def _read(spec: str, split: str) -> list[Record]:
         records = _read_saved_dataset(path, split)
     else:
         ext = os.path.splitext(path)[1].lower()
-        if ext in _READERS or os.path.exists(path) or _looks_local(path):
+        if ext in _READERS or os.path.exists(path) or paths.looks_local(str(spec)):
             if not os.path.exists(path):
-                raise UserError(f"{spec}: file not found")
+                raise UserError(f"{spec}: file not found{paths.did_you_mean(str(spec))}")
             if ext not in _READERS:
                 raise UserError(f"{spec}: unknown file type '{ext}'; use .jsonl, .json, .parquet or .csv, "
                                 "or a directory written by datasets' save_to_disk")
@@ -196,12 +197,6 @@ def _read(spec: str, split: str) -> list[Record]:
     if not records:
         raise UserError(f"{spec}: no rows")
     return records
-
-
-def _looks_local(path: str) -> bool:
-    # "org/name" is a hub id; "./x", "/x", "~/x" or "data/x" (data/ exists here) is a local path.
-    first = path.split(os.sep)[0]
-    return path.startswith((".", os.sep, "~")) or (os.sep in path and os.path.isdir(first))
 
 
 def _decode(raw: bytes, source: str) -> str:
@@ -342,7 +337,7 @@ def _read_hub(spec: str, split: str) -> list[Record]:
         ds = datasets.load_dataset(spec, split=split)
     except Exception as e:  # network, auth, missing split: one message, the cause included
         raise UserError(f"{spec}: not a local file, and loading it as a hub dataset failed "
-                        f"({type(e).__name__}: {e})") from None
+                        f"({type(e).__name__}: {e}){paths.did_you_mean(spec)}") from None
     return _dataset_records(ds, spec, split)
 
 
