@@ -153,3 +153,12 @@ def test_offline_hub_id_not_in_cache_fails_at_once(files, tmp_path, capsys, monk
                    "--output", str(tmp_path / "o")], capsys)
     assert line == ("prefalign: error: model nobody-here/no-such-model-42: no such directory, and HF_HUB_OFFLINE "
                     "is set and the hub cache does not hold it")
+
+
+def test_cli_train_hides_only_the_known_third_party_warnings(capsys, monkeypatch):
+    monkeypatch.delenv("PREFALIGN_VERBOSE", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        assert main(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--lr", "nan"]) == 2
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("some other FutureWarning", FutureWarning)
+    assert [str(w.message) for w in caught] == ["some other FutureWarning"]

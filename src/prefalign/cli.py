@@ -287,6 +287,10 @@ def main(argv=None) -> int:
         args.argv = argv  # for --num-processes, which runs the same command again on N processes
         if args.verbose:
             os.environ["PREFALIGN_VERBOSE"] = "1"  # read where models load (models.verbose)
+        elif args.command in ("train", "sft"):
+            from prefalign.models import hide_known_warnings  # torch is loaded by these commands anyway
+
+            hide_known_warnings()
         rc = args.func(args)
         return rc if isinstance(rc, int) else 0
     except UserError as e:

@@ -164,6 +164,18 @@ def quiet_third_party():
             hf_logging.enable_progress_bar()
 
 
+# Deprecation notices libraries raise inside each other, outside loading (a user cannot act on them).
+KNOWN_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+def hide_known_warnings() -> None:
+    """For a CLI run without -v: the KNOWN_WARNINGS off, every other warning as Python decides."""
+    import warnings
+
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 # Loggers that warn on every load of a sound model ("The following layers were not sharded": a
 # tensor-parallel plan nobody asked for).
 _NOISY_LOGGERS = ("transformers.distributed.tensor_parallel",)
