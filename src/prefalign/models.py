@@ -234,7 +234,8 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         task_type="CAUSAL_LM", bias="none")
     try:
-        return get_peft_model(model, config)
+        with quiet_third_party():  # peft reads transformers' deprecated is_gradient_checkpointing
+            return get_peft_model(model, config)
     except ValueError as e:
         raise UserError(f"LoRA target modules {target_modules!r}: {str(e).splitlines()[0]}") from None
 
