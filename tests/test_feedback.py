@@ -162,3 +162,14 @@ def test_cli_train_hides_only_the_known_third_party_warnings(capsys, monkeypatch
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("some other FutureWarning", FutureWarning)
     assert [str(w.message) for w in caught] == ["some other FutureWarning"]
+
+
+@pytest.mark.parametrize("name, local", [
+    ("prefs.jsonll", True), ("./tinyy", True), ("~/x", True), ("/abs/x", True), ("a/b/c", True),
+    ("model.gguf", True), ("Qwen/Qwen2.5-0.5B", False), ("HuggingFaceH4/ultrafeedback_binarized", False),
+    ("org/name.v2", False), ("imdb", False), ("meta-llama/Llama-3.1-8B", False),
+])
+def test_what_looks_like_a_local_path(name, local):
+    from prefalign import paths
+
+    assert paths.looks_local(name) is local
