@@ -139,8 +139,15 @@ def test_mistyped_paths_fail_at_once_with_a_suggestion(files, tmp_path, capsys, 
     assert line == "prefalign: error: prefs.jsonll: file not found; did you mean prefs.jsonl?"
     line = _fails(["train", "--model", "modle", "--data", "prefs.jsonl", *out], capsys)
     assert line == "prefalign: error: no such model directory 'modle' (a hub id looks like owner/name); did you mean model?"
+    # A bare word with no local near miss may be one of the hub's legacy ids ("gpt2"): it goes to the
+    # hub, unless the hub is off, where it fails at once.
+    from prefalign import models
+
+    models._check_source("gpt2", "model")  # not refused here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     line = _fails(["train", "--model", "tinyy", "--data", "prefs.jsonl", *out], capsys)
     assert line == "prefalign: error: no such model directory 'tinyy' (a hub id looks like owner/name)"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     line = _fails(["train", "--model", "./modle", "--data", "prefs.jsonl", *out], capsys)
     assert line == "prefalign: error: model path not found: ./modle; did you mean ./model?"
     line = _fails(["train", "--model", "model", "--data", "sub/dir/prefs.csv", *out], capsys)

@@ -29,7 +29,9 @@ def _check_source(path: str, what: str) -> None:
         if (what == "model" and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
                 and sources.resolve_model_source(path).kind == "plain"):
             raise UserError(f"{path}: not a model directory (no config.json, no LoRA adapter, not a checkpoint)")
-    elif "/" not in path:  # a hub model id is owner/name: a bare word can only be a local folder
+    elif "/" not in path and (paths.near_miss(path, dirs_only=True) or paths.hub_offline()):
+        # A bare word next to a local folder of almost that name is a typo, not one of the hub's
+        # few legacy ids without an owner ("gpt2"): fail now, not after the hub's retries.
         raise UserError(f"no such {what} directory {path!r} (a hub id looks like owner/name)"
                         f"{paths.did_you_mean(path, dirs_only=True)}")
     elif paths.hub_offline() and not paths.in_hub_cache(path):
