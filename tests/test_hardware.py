@@ -1,6 +1,8 @@
 """CPU honesty: which machines compute bf16 natively, what `--precision auto` picks, the warning for
 an emulated bf16, and that a run records and fingerprints the precision it really ran in."""
 
+import json
+
 import pytest
 import yaml
 
@@ -112,3 +114,18 @@ def test_online_commands_take_auto(tmp_path):
         GRPOConfig(output=str(tmp_path), precision="fp16")
     it = IterativeConfig(output=str(tmp_path), precision="auto")
     assert it.train_config(str(tmp_path / "r"), "pairs.jsonl", 1).precision == "auto"
+
+
+@pytest.mark.parametrize("machine, want", [(SAPPHIRE, "bf16"), (AVX2_EPYC, "fp32")])
+def test_grpo_resolves_auto_once_and_records_it(tmp_path, monkeypatch, capsys, machine, want):
+    from prefalign.demo.model import build_model
+    from prefalign.demo.tokenizer import build_tokenizer
+    from prefalign.online.grpo import grpo
+
+    monkeypatch.setattr(hardware, "detect", lambda: machine)
+    tok = build_tokenizer()
+    cfg = GRPOConfig(output=str(tmp_path), steps=1, prompts_per_step=2, group_size=2, max_new_tokens=2,
+                     progress=False, save_model=False, precision="auto")
+    grpo(cfg, model=build_model(tok, seed=0, hidden_size=32, intermediate_size=64), tokenizer=tok, prompts=["1+1=", "2+2="], reward="regex=1")
+    assert json.loads((tmp_path / "config.json").read_text())["precision"] == want
+    assert capsys.readouterr().err.count("precision auto -> ") == 1
