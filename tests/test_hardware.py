@@ -129,3 +129,23 @@ def test_grpo_resolves_auto_once_and_records_it(tmp_path, monkeypatch, capsys, m
     grpo(cfg, model=build_model(tok, seed=0, hidden_size=32, intermediate_size=64), tokenizer=tok, prompts=["1+1=", "2+2="], reward="regex=1")
     assert json.loads((tmp_path / "config.json").read_text())["precision"] == want
     assert capsys.readouterr().err.count("precision auto -> ") == 1
+
+
+def test_iterate_resolves_auto_once_for_every_round(tmp_path, monkeypatch, capsys):
+    from prefalign.demo.model import build_model
+    from prefalign.demo.tokenizer import build_tokenizer
+    from prefalign.online.iterative import iterate
+
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2_EPYC)
+    tok = build_tokenizer()
+    cfg = IterativeConfig(output=str(tmp_path / "run"), rounds=2, prompts_per_round=12, samples=4, max_new_tokens=3,
+                          lr=1e-3, dpo_steps=1, batch_size=2, progress=False, save_model=False, precision="auto")
+    prompts = [{"prompt": f"{a}+{b}=", "answer": a + b} for a in range(6) for b in range(6)]
+    res = iterate(cfg, model=build_model(tok, seed=0, hidden_size=32, intermediate_size=64), tokenizer=tok,
+                  prompts=prompts, reward=lambda p, c: [float(x[:1].isdigit()) for x in c])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "fp32"
+    trained = [k for k in (1, 2) if (tmp_path / "run" / f"round-{k}" / "config.yaml").is_file()]
+    assert trained and len(res.history) == 2
+    for k in trained:  # each round's DPO run got the concrete value, not auto
+        assert yaml.safe_load((tmp_path / "run" / f"round-{k}" / "config.yaml").read_text())["precision"] == "fp32"
+    assert capsys.readouterr().err.count("precision auto -> ") == 1
