@@ -118,7 +118,7 @@ def test_every_flag_of_every_command_has_help_and_its_real_default():
 def test_train_help_shows_each_default_once_and_the_choices():
     text = " ".join(_subparsers(cli.build_parser())["train"].format_help().split())
     assert "--reference {auto,copy,adapters-off,precomputed,none}" in text
-    assert "--lr-schedule {constant,linear,cosine}" in text and "--precision {fp32,bf16}" in text
+    assert "--lr-schedule {constant,linear,cosine}" in text and "--precision {fp32,bf16,auto}" in text
     assert "--on-bad-row {error,skip}" in text and "--sharding {auto,none,fsdp}" in text
     assert "(default: 5e-07; range in (0, 1))" in text
 

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefalign import trl_keys, validation, yamlio
+from prefalign import hardware, trl_keys, validation, yamlio
 from prefalign.errors import UserError
 
 
@@ -59,7 +59,7 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     seed: int = _f(0, "random seed (data order, dropout, init of LoRA)")
-    precision: str = _f("fp32", "compute precision (bf16 = autocast, fp32 master weights)", ["fp32", "bf16"])
+    precision: str = _f("fp32", hardware.HELP, list(hardware.PRECISIONS))
     # data handling
     max_length: int = _f(1024, "max tokens of prompt + completion")
     max_prompt_length: int = _f(0, "max prompt tokens (0 = half of --max-length)")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 
+from prefalign import hardware
 from prefalign.config import FIELDS, TrainConfig
 from prefalign.errors import UserError, os_error_line
 
@@ -108,6 +109,7 @@ def of_run(cfg: TrainConfig, world: int = 1, model=None, ref_model=None, tokeniz
         fp.update({(k if single else f"{t}.{k}"): v for t, p in plan.params.items() for k, v in p.items()})
         if not single:
             fp["loss_weights"] = plan.weights
+    fp["precision"] = hardware.concrete(cfg.precision)  # auto is what it runs as on this machine
     fp["paths"] = {key: getattr(cfg, key) for key in _SOURCES}
     fp["pairs_per_step"] = cfg.batch_size * cfg.grad_accum * world
     given = {"model": model, "ref_model": ref_model, "tokenizer": tokenizer}

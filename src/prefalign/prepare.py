@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefalign import models, reference as refs, rundir
+from prefalign import hardware, models, reference as refs, rundir
 from prefalign.config import TrainConfig
 from prefalign.data.formats import load_examples, pairs_to_unpaired
 from prefalign.data.tokenize import tokenize_examples
@@ -86,7 +86,7 @@ class Setup:
 
 def autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast for matmuls; weights stay fp32 (master copy) and log-prob reductions fp32."""
-    if cfg.precision == "bf16":
+    if hardware.concrete(cfg.precision) == "bf16":  # auto, unresolved in eval: as train would resolve it
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 

@@ -9,6 +9,7 @@ up exactly where the checkpoint left it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from prefalign import checkpoint, fingerprint, models, monitor, objective, prepare, rundir, sharding
+from prefalign import checkpoint, fingerprint, hardware, models, monitor, objective, prepare, rundir, sharding
 from prefalign.config import TrainConfig, to_dict
 from prefalign.errors import UserError
 from prefalign.logprobs import language_model
@@ -311,6 +312,7 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
 
     torch.manual_seed(cfg.seed)
     sharded = how is not None
+    cfg = dataclasses.replace(cfg, precision=hardware.announce(cfg.precision, say))  # auto: fingerprint, config.yaml
     run_fp = fingerprint.of_run(cfg, world, model, ref_model, tokenizer)  # before LoRA wraps the model
     s = prepare.build(cfg, device=device, model=model, tokenizer=tokenizer, ref_model=ref_model,
                       accelerator=acc, log=say)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefalign import logprobs
+from prefalign import hardware, logprobs
 from prefalign.data.batching import pad_sequences
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
@@ -155,7 +155,7 @@ def completion_token_logps(model, prompt_ids: list[list[int]], completion_ids: l
 
 
 def autocast_for(precision: str, device: torch.device):
-    if precision == "bf16":
+    if hardware.concrete(precision) == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     import contextlib
 
@@ -201,6 +201,7 @@ def grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, prompts=None, reward=No
     from prefalign.models import freeze, save_model
 
     cfg.validate()
+    cfg.precision = hardware.announce(cfg.precision)  # config.json records what ran
     prepare_output(cfg.output, cfg.overwrite)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)

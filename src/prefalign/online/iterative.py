@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefalign import hardware
 from prefalign.errors import UserError
 from prefalign.metrics import MetricsLog, peak_memory_mb
 from prefalign.online.generate import SamplingConfig, generate
@@ -68,6 +69,7 @@ def iterate(cfg: IterativeConfig, *, model=None, tokenizer=None, prompts=None, r
     from prefalign.train import train
 
     cfg.validate()
+    cfg.precision = hardware.announce(cfg.precision)  # once; each round's DPO gets the concrete value
     prepare_output(cfg.output, cfg.overwrite)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from prefalign.errors import UserError
+from prefalign.hardware import HELP, PRECISIONS
 from prefalign.validation import check_table
 
 
@@ -60,7 +61,7 @@ class GRPOConfig:
     adam_beta1: float = _h(0.9, 'AdamW beta1')
     adam_beta2: float = _h(0.999, 'AdamW beta2')
     max_grad_norm: float = _h(1.0, 'gradient clipping norm (0 = off)')
-    precision: str = _h("fp32", 'compute precision (bf16 = autocast, fp32 master weights)', ("fp32", "bf16"))
+    precision: str = _h("fp32", HELP, PRECISIONS)
     chunk_size: int = _h(0, 'tokens per chunk of the log-prob head (0 = automatic)')
     packing: bool = _h(True, 'one segment [prompt | G completions] per group, no padding; off = padded rows')
     token_budget: int = _h(0, 'tokens per packed row (0 = the longest group of the micro-batch)')
@@ -96,7 +97,7 @@ class GRPOConfig:
             (self.scale in SCALES, f"scale must be one of {', '.join(SCALES)}; got {self.scale!r}"),
             (self.aggregation in AGGREGATIONS, f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}"),
             (self.lr_schedule in ("constant", "linear", "cosine"), f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16; got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"),
             (not self.reward_weights or len(self.reward_weights) == len(self.reward),
              f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
         ]
@@ -139,7 +140,7 @@ class IterativeConfig:
     dpo_steps: int = _h(0, "optimizer steps per round (0 = `epochs` over the round's pairs)")
     epochs: float = _h(1.0, "epochs over the round's pairs when --dpo-steps is 0")
     batch_size: int = _h(8, 'pairs per DPO step')
-    precision: str = _h("fp32", 'compute precision (bf16 = autocast, fp32 master weights)', ("fp32", "bf16"))
+    precision: str = _h("fp32", HELP, PRECISIONS)
     seed: int = _h(0, 'random seed')
     train_overrides: dict = _h({}, 'prefalign train keys for each round (--set)')
     progress: bool = _h(True, 'show a progress bar')
