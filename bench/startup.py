@@ -18,18 +18,9 @@ import subprocess
 import sys
 import time
 
+from prefalign import hardware
+
 COMMANDS = (["--version"], ["--help"], ["train", "--help"], ["sft", "--help"], ["grpo", "--help"], ["losses"])
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_command(args: list[str], runs: int) -> list[float]:
@@ -47,7 +38,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     runs = p.parse_args().runs
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores, load {load:.1f}); Python {platform.python_version()}")
+    print(f"CPU: {hardware.cpu_name()} ({os.cpu_count()} logical cores, load {load:.1f}); Python {platform.python_version()}")
     for args in COMMANDS:
         times = time_command(args, runs)
         print(f"prefalign {' '.join(args):14s} median {statistics.median(times):.2f} s "

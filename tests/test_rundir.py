@@ -4,21 +4,20 @@ replaced run's outputs gone, rejects written once, SIGHUP and signals during the
 file modes that follow the umask."""
 
 import errno
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from prefalign.cli import main
-from test_train import assert_same_weights, run_files, weights, write_pairs  # noqa: F401 (run_files: fixture)
+from test_bad_inputs import digest_tree
+from test_crash_resume import metrics, wait_for
+from test_train import assert_same_weights, run_files, weights  # noqa: F401 (run_files: fixture)
 
-TIMING = ("pairs_per_s", "tokens_per_s", "peak_memory_mb")
 # A real `prefalign train` process, slowed down (a sleep in each micro-step) so that it is still
 # training while the test acts; patched from the command line, not through a hook in the library.
 SLOW_CLI = ("import sys, time; import prefalign.train as t; f = t.micro_step; "
@@ -36,30 +35,9 @@ def args_for(run_files, out, *extra, steps=4):
             "--max-length", "64", "--no-packing", "--no-progress", *extra]
 
 
-def digest_tree(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
-
-
-def metrics(out):
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in open(os.path.join(out, "metrics.jsonl"))]
-
-
 def start(code, args):
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def wait_for(path, proc, timeout=120):
-    t0 = time.time()
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() - t0 < timeout, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 def cli(argv, capsys):

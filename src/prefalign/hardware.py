@@ -76,16 +76,29 @@ def messages(requested: str, m: Machine) -> list[str]:
     return lines
 
 
-def _proc_flags(path: str = "/proc/cpuinfo") -> set:
+def _cpuinfo(keys: tuple[str, ...], path: str = "/proc/cpuinfo") -> str | None:
+    """The value of the first /proc/cpuinfo line whose key is one of `keys` (None: no such line, not Linux)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):  # x86, aarch64
-                    return set(value.split())
-    except OSError:  # not Linux: torch's own CPU probe below still answers for x86
+                if key.strip() in keys:
+                    return value.strip()
+    except OSError:
         pass
-    return set()
+    return None
+
+
+def _proc_flags(path: str = "/proc/cpuinfo") -> set:
+    # Not Linux: torch's own CPU probe in detect() still answers for x86.
+    return set((_cpuinfo(("flags", "Features"), path) or "").split())  # x86, aarch64
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for benchmark reports."""
+    import platform
+
+    return _cpuinfo(("model name",)) or platform.processor() or platform.machine()
 
 
 @functools.cache
