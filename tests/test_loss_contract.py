@@ -125,6 +125,15 @@ def test_loss_params_from_yaml_and_flags_merge(monkeypatch, tmp_path, run_files)
     (["--loss", "dpo", "--loss-param", "beta"], ["KEY=VALUE"]),
     (["--loss", "sft", "--beta", "0.2"], ["sft takes no loss parameters"]),
     (["--loss", "robust", "--loss-param", "label_smoothing=0.7"], ["robust needs 0 <= label_smoothing < 0.5"]),
+    # loss_params get the same ranges as the shorthand flags, and every numeric one must be finite
+    (["--loss", "dpo", "--loss-param", "beta=-1"], ["beta must be > 0", "-1"]),
+    (["--loss", "dpo", "--loss-param", "beta=.inf"], ["beta must be > 0", "inf"]),
+    (["--loss", "discopop", "--loss-param", "discopop_tau=0"], ["discopop_tau must be > 0"]),
+    (["--loss", "dpo", "--loss-param", "label_smoothing=.nan"], ["label_smoothing must be finite"]),
+    (["--loss", "dpo,sft", "--loss-weights", "inf,1"], ["loss_weights must be finite and >= 0"]),
+    (["--loss", "dpo,sft", "--loss-weights", "nan,1"], ["loss_weights must be finite and >= 0"]),
+    (["--loss", "dpo,sft", "--loss-weights=-1,1"], ["loss_weights must be finite and >= 0"]),
+    (["--loss", "dpo,sft", "--loss-weights", "0,0"], ["not all 0"]),
 ])
 def test_bad_loss_settings_are_one_line_errors(tmp_path, capsys, extra, words):
     rc = main(["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "r"), *extra])

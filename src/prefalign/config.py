@@ -118,8 +118,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # The documented range of every numeric field (validation.Range specs; shown in each flag's help).
 # Every range also refuses nan and inf. A field without an entry takes any finite value.
 RANGES = {
-    "beta": "> 0", "label_smoothing": "[0, 0.5)", "gamma": "finite", "rpo_alpha": ">= 0",
-    "desirable_weight": "> 0", "undesirable_weight": "> 0",
+    **{k: v for k, v in validation.LOSS_PARAM_RANGES.items() if k in FIELDS}, "label_smoothing": "[0, 0.5)",
     "max_steps": ">= 0", "epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "(0, 1)",
     "warmup_steps": ">= 0", "warmup_ratio": "[0, 1]", "max_grad_norm": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
     "adam_beta2": "[0, 1)", "seed": "[0, 2**32)",
@@ -283,7 +282,7 @@ def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig
             if FIELDS[name].type in (dict, "dict") and isinstance(values.get(name), dict):
                 v = {**values[name], **_mapping(name, v, "flags")}  # --loss-param adds to the file's
             values[name] = v
-            sources[name] = "--" + name.replace("_", "-")
+            sources[name] = "--loss-param" if name == "loss_params" else "--" + name.replace("_", "-")
     if saved and values.get("loss") != saved.get("loss"):
         # The saved run's parameters belong to its loss (config.yaml records them all, defaults
         # included); a resume under another loss starts from that loss's own defaults.

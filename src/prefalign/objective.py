@@ -9,6 +9,7 @@ processes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -108,6 +109,9 @@ def _names_and_weights(cfg) -> dict:
             weights = [float(w) for w in str(cfg.loss_weights).split(",")]
         except ValueError:
             raise UserError(f"config: loss_weights must be comma-separated numbers; got {cfg.loss_weights!r}") from None
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+            # nan/inf would train nothing (every step skipped as non-finite); a negative weight maximises its loss
+            raise UserError(f"config: loss_weights must be finite and >= 0, not all 0; got {cfg.loss_weights!r}")
         if len(weights) != len(names):
             raise UserError(f"config: {len(weights)} loss_weights for {len(names)} losses ({cfg.loss})")
     else:

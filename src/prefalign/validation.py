@@ -59,6 +59,14 @@ class Range:
         return f"in {self.spec}" if self.spec[0] in "[(" else self.spec
 
 
+# The ranges of the losses' numeric parameters, whether set through their config shorthand
+# (--beta) or through loss_params (--loss-param beta=...): one table for both ways in. A numeric
+# parameter not listed must still be finite (label_smoothing's bound depends on the loss: each
+# loss that has one checks it itself; its config shorthand keeps the common [0, 0.5)).
+LOSS_PARAM_RANGES = {"beta": "> 0", "gamma": "finite", "rpo_alpha": ">= 0",
+                     "desirable_weight": "> 0", "undesirable_weight": "> 0", "discopop_tau": "> 0"}
+
+
 def _shown(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
+from .. import validation
 from ..errors import UserError
 from . import pairwise, unpaired
 from .pairwise import LossOutput, log_odds, logratios
@@ -216,6 +217,9 @@ def check_params(name: str, valid: Mapping[str, Any], given: Mapping[str, Any]) 
         if not _type_ok(default, value):
             raise UserError(f"loss {name!r}: {key} must be {type(default).__name__} "
                             f"(like its default {default!r}); got {value!r}")
+        bad = validation.problem(key, value, validation.LOSS_PARAM_RANGES.get(key, "finite"))
+        if bad:
+            raise UserError(f"loss {name!r}: {bad}")
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"loss {name!r}: {key} must be one of {', '.join(CHOICES[key])}; got {value!r}")
         out[key] = float(value) if isinstance(default, float) else value
