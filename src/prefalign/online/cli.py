@@ -1,4 +1,4 @@
-"""The online commands: `prefalign generate`, `grpo`, `iterate`, `compare`.
+"""The online commands: `prefalign generate`, `grpo`, `ppo`, `iterate`, `compare`.
 
 Registered by prefalign.cli (`_extra_commands`). Every field of GRPOConfig / IterativeConfig /
 CompareSettings is a flag (steps <-> --steps) and, for grpo and iterate, a key of a --config
@@ -164,6 +164,18 @@ def cmd_grpo(args):
           f"{last.get('reward/mean', float('nan')):.4g}")
 
 
+def cmd_ppo(args):
+    from prefalign.errors import os_errors_name
+    from prefalign.online.ppo import PPOConfig, ppo
+
+    cfg = from_flags(PPOConfig, args, args.config)
+    with os_errors_name(cfg.output):
+        result = ppo(cfg)
+    first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
+    print(f"done: {result.steps} steps -> {result.output}  reward {first.get('reward/mean', float('nan')):.4g} -> "
+          f"{last.get('reward/mean', float('nan')):.4g}, kl {last.get('kl', float('nan')):.4g}")
+
+
 def cmd_iterate(args):
     from prefalign.online.iterative import IterativeConfig, iterate
 
@@ -200,7 +212,7 @@ def cmd_compare(args):
 
 def register(sub) -> None:
     # The settings classes only: the loops (torch, transformers) load when a command runs.
-    from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig
+    from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig, PPOConfig
 
     p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored")
     p.add_argument("--model", type=path_arg, required=True, help="model: a local path or a hub id (required)")
@@ -225,6 +237,13 @@ def register(sub) -> None:
     p.add_argument("--config", type=path_arg, default="", help="YAML file of GRPOConfig keys (default: none)")
     add_dataclass_flags(p, GRPOConfig)
     p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser("ppo", help="PPO-RLHF: KL-penalised per-token rewards, a value model, GAE, clipped policy "
+                                   "and value losses (4 models: policy, reference, reward, value)",
+                       description="Every flag is also a key of --config (YAML); flags win.")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of PPOConfig keys (default: none)")
+    add_dataclass_flags(p, PPOConfig)
+    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("iterate", help="iterative DPO: generate -> score -> best-vs-worst pairs -> DPO, in rounds",
                        description="Every flag is also a key of --config (YAML); flags win.")

@@ -332,3 +332,96 @@ def _demo_settings(s: CompareSettings, seed: int):
 
     d = DemoSettings.quick(seed) if s.quick else DemoSettings(seed=seed)
     return dataclasses.replace(d, progress=False)
+
+
+@dataclass
+class PPOConfig:
+    """Every knob of a PPO-RLHF run (also the flags of `prefalign ppo`: steps <-> --steps)."""
+
+    model: str = _h("", 'the policy to train (usually an SFT model): a path or hub id')
+    tokenizer: str = _h("", "tokenizer path or hub id (empty: the model's)")
+    ref_model: str = _h("", 'reference for the KL penalty (empty: a frozen copy of the initial policy)')
+    value_model: str = _h("", 'where the value model starts: a causal LM or reward model folder (its body; a '
+                              'one-output head too); empty: the reward model of an rm:PATH reward, else the policy')
+    prompts: str = _h("", 'prompt file (jsonl/json/parquet/csv): a `prompt` column + extra columns')
+    reward: list = _h([], 'reward specs (see online.rewards.load_reward; rm:PATH for a trained reward model)')
+    reward_weights: list = _h([], 'one weight per reward (empty: 1 each)')
+    output: str = _h("", 'output directory')
+    # sampling: one completion per prompt
+    steps: int = _h(100, 'PPO steps (generation batches)')
+    prompts_per_step: int = _h(16, 'prompts per step: one completion each')
+    max_new_tokens: int = _h(64, 'new tokens per completion')
+    max_prompt_length: int = _h(512, 'max prompt tokens')
+    temperature: float = _h(1.0, 'sampling temperature')
+    top_p: float = _h(1.0, 'nucleus sampling p')
+    top_k: int = _h(0, 'top-k sampling (0 = off)')
+    generation_batch_size: int = _h(64, 'rows decoded together')
+    # the objective
+    kl_coef: float = _h(0.05, 'KL penalty coefficient: r_t = -kl_coef (log pi - log pi_ref) per token (the start '
+                              'value when kl_target is set)')
+    kl_target: float = _h(0.0, 'adaptive KL controller target (KL per completion, summed over tokens); 0 = fixed kl_coef')
+    kl_horizon: float = _h(10000.0, 'adaptive KL controller horizon, in completions (Ziegler et al.)')
+    gamma: float = _h(1.0, 'GAE discount')
+    lam: float = _h(0.95, 'GAE lambda')
+    clip_eps: float = _h(0.2, 'policy ratio clip epsilon')
+    value_clip: float = _h(0.2, 'value clip range around the rollout values')
+    ppo_epochs: int = _h(4, 'passes over each generation batch')
+    mini_batch: int = _h(0, 'completions per optimizer step (0 = the whole batch); divides prompts_per_step')
+    micro_batch: int = _h(0, 'completions per forward/backward (0 = the whole mini-batch)')
+    # optimisation
+    lr: float = _h(1e-6, 'policy learning rate (AdamW)')
+    value_lr: float = _h(0.0, 'value model learning rate (0 = lr)')
+    warmup_steps: int = _h(0, 'linear warm-up, in optimizer steps')
+    lr_schedule: str = _h("constant", 'learning-rate schedule after warm-up', ("constant", "linear", "cosine"))
+    weight_decay: float = _h(0.0, 'AdamW weight decay')
+    adam_beta1: float = _h(0.9, 'AdamW beta1')
+    adam_beta2: float = _h(0.999, 'AdamW beta2')
+    max_grad_norm: float = _h(1.0, 'gradient clipping norm, per model (0 = off)')
+    precision: str = _h("fp32", HELP, PRECISIONS)
+    chunk_size: int = _h(0, 'tokens per chunk of the log-prob head (0 = automatic)')
+    packing: bool = _h(True, 'pack [prompt | completion] segments side by side, no padding; off = padded rows')
+    token_budget: int = _h(0, 'tokens per packed row (0 = the longest segment of the micro-batch)')
+    seed: int = _h(0, 'random seed')
+    # run
+    log_every: int = _h(1, 'log metrics every N steps')
+    save_every: int = _h(0, 'checkpoint every N steps (0 = only at the end)')
+    keep_checkpoints: int = _h(2, 'checkpoints kept')
+    resume: str = _h("", 'continue from a checkpoint: auto (the newest valid one in OUTPUT) or a step-N path')
+    progress: bool = _h(True, 'show a progress bar')
+    save_model: bool = _h(True, 'write the trained policy to OUTPUT/model at the end')
+    overwrite: bool = _h(False, 'replace an existing run in OUTPUT')
+
+    RANGES = {
+        "reward_weights": "finite", "steps": ">= 1", "prompts_per_step": ">= 1", "max_new_tokens": ">= 1",
+        "max_prompt_length": ">= 1", "temperature": "> 0", "top_p": "(0, 1]", "top_k": ">= 0",
+        "generation_batch_size": ">= 1", "kl_coef": ">= 0", "kl_target": ">= 0", "kl_horizon": "> 0",
+        "gamma": "[0, 1]", "lam": "[0, 1]", "clip_eps": "(0, 1)", "value_clip": "> 0", "ppo_epochs": ">= 1",
+        "mini_batch": ">= 0", "micro_batch": ">= 0", "lr": "(0, 1)", "value_lr": "[0, 1)", "warmup_steps": ">= 0",
+        "weight_decay": ">= 0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "max_grad_norm": ">= 0",
+        "chunk_size": ">= 0", "token_budget": ">= 0", "seed": "[0, 2**32)", "log_every": ">= 1",
+        "save_every": ">= 0", "keep_checkpoints": ">= 1",
+    }
+    PATHS = ("model", "tokenizer", "ref_model", "value_model", "prompts", "output")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.reward, str):
+            self.reward = [self.reward]
+        check_table(self, self.RANGES, "ppo config")
+        checks = [
+            (self.lr_schedule in ("constant", "linear", "cosine"), f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"),
+            (not self.reward_weights or len(self.reward_weights) == len(self.reward),
+             f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
+            (not self.mini_batch or self.prompts_per_step % self.mini_batch == 0,
+             f"mini_batch {self.mini_batch} does not divide prompts_per_step {self.prompts_per_step}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"ppo config: {msg}")
+
+    @property
+    def minibatches_per_epoch(self) -> int:
+        return self.prompts_per_step // (self.mini_batch or self.prompts_per_step)
