@@ -372,3 +372,62 @@ def test_too_few_prompts_is_a_user_error(tok, tmp_path):
         ppo(PPOConfig(output=str(tmp_path / "r"), steps=1, prompts_per_step=4, progress=False), model=tiny(tok),
             tokenizer=tok, prompts=["1+1="], reward=starts7)
     assert not os.path.exists(tmp_path / "r")   # a failed start leaves nothing behind
+
+
+SIGNALLING_REWARD = '''
+import os, signal
+calls = 0
+
+
+def reward(prompts, completions):
+    """starts-with-7, and sends this process PPO_TEST_SIGNAL on call PPO_TEST_AT (a kill mid-step)."""
+    global calls
+    calls += 1
+    if calls == int(os.environ.get("PPO_TEST_AT", "0")):
+        os.kill(os.getpid(), getattr(signal, os.environ["PPO_TEST_SIGNAL"]))
+    return [float(c.startswith("7")) for c in completions]
+'''
+
+
+@pytest.mark.slow
+def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_cli_run(tok, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "sft"
+    tiny(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in SUMS))
+    (tmp_path / "rw.py").write_text(SIGNALLING_REWARD)
+
+    def args(out, *extra):
+        return ["ppo", "--model", str(model_dir), "--prompts", str(tmp_path / "prompts.jsonl"), "--reward",
+                f"{tmp_path / 'rw.py'}:reward", "--output", str(tmp_path / out), "--steps", "4",
+                "--prompts-per-step", "16", "--max-new-tokens", "2", "--lr", "1e-2", "--ppo-epochs", "2",
+                "--mini-batch", "8", "--kl-target", "2", "--kl-horizon", "50", "--no-progress", *extra]
+
+    def killed(out, sig, at, *extra):
+        env = {**os.environ, "PPO_TEST_SIGNAL": sig, "PPO_TEST_AT": str(at), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "prefalign.cli", *args(out, *extra)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    def final(out):
+        return load_file(tmp_path / out / "checkpoints" / "step-000004" / "weights.safetensors")
+
+    assert cli.main(args("whole")) == 0
+    proc = killed("kill", "SIGKILL", 3, "--save-every", "1")            # dies inside step 3
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (tmp_path / "kill" / "model").exists()
+    proc = killed("term", "SIGTERM", 2)                                 # finishes step 2, checkpoints, exits
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "stopped at step 2: signal SIGTERM" in proc.stderr
+    assert os.listdir(tmp_path / "term" / "checkpoints") == ["step-000002"]
+    want = final("whole")
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "peak"))}  # noqa: E731
+    lines = [strip(json.loads(x)) for x in open(tmp_path / "whole" / "metrics.jsonl")]
+    for out in ("kill", "term"):
+        assert cli.main(args(out, "--resume", "auto")) == 0
+        got = final(out)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), out
+        assert [strip(json.loads(x)) for x in open(tmp_path / out / "metrics.jsonl")] == lines, out

@@ -171,6 +171,10 @@ def cmd_ppo(args):
     cfg = from_flags(PPOConfig, args, args.config)
     with os_errors_name(cfg.output):
         result = ppo(cfg)
+    if result.stopped:  # a signal: checkpointed; the shell sees it was stopped, as with train
+        import signal
+
+        return 128 + int(signal.Signals[result.stopped.split()[-1]])
     first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
     print(f"done: {result.steps} steps -> {result.output}  reward {first.get('reward/mean', float('nan')):.4g} -> "
           f"{last.get('reward/mean', float('nan')):.4g}, kl {last.get('kl', float('nan')):.4g}")

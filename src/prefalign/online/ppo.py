@@ -58,7 +58,7 @@ from prefalign.online.grpo import (PromptSet, autocast_for, completion_token_log
                                    make_reward, plot_run)
 from prefalign.online.settings import PPOConfig  # noqa: F401 (the CLI imports the settings without torch)
 from prefalign.online.value import build_value_model, completion_token_values, value_source
-from prefalign.train import lr_lambda, step_indices
+from prefalign.train import _signal_handlers_kept, _Stop, lr_lambda, step_indices
 
 # Settings that do not change what a run computes (a resume may change them freely).
 NOT_TRAJECTORY = ("output", "resume", "overwrite", "steps", "log_every", "save_every", "keep_checkpoints",
@@ -73,6 +73,7 @@ class PPOResult:
     policy: object
     value: object
     tokenizer: object
+    stopped: str = ""              # "signal SIGTERM": stopped early with a checkpoint (exit 128 + n)
 
 
 class Actors(nn.Module):
@@ -316,7 +317,7 @@ def ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts=None, reward=None
     the config's paths and specs. The output directory is held (rundir.claim) for the whole run."""
     cfg.validate()
     cfg = dataclasses.replace(cfg, precision=hardware.announce(cfg.precision))  # config.yaml records what ran
-    with rundir.claim(cfg):
+    with rundir.claim(cfg), _signal_handlers_kept():
         return _ppo(cfg, model, tokenizer, prompts, reward, ref_model, value_model)
 
 
@@ -342,13 +343,22 @@ def _ppo(cfg: PPOConfig, model, tokenizer, prompts, reward, ref_model, value_mod
         checkpoint.save(root, step, checkpoint.trainable_state(run.actors), run.opt.state_dict(), run.sched,
                         {"kl": run.kl.state_dict(), "fingerprint": run.fp, "finished": finished}, cfg.keep_checkpoints)
 
-    for step in range(start, cfg.steps):
-        record = _step(run, step)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log.write(record)
-            console.update(step + 1, record)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save(step + 1)
+    with _Stop() as stop:  # SIGINT/SIGTERM/SIGHUP: finish the step, checkpoint, return (a second one: at once)
+        for step in range(start, cfg.steps):
+            record = _step(run, step)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stop.signal:
+                log.write(record)
+                console.update(step + 1, record)
+            if stop.signal and step + 1 < cfg.steps:
+                save(step + 1)
+                console.say(f"stopped at step {step + 1}: signal {stop.signal}; checkpoint saved in {root}, "
+                            f"continue with --resume auto")
+                console.close()
+                log.close()
+                return PPOResult(cfg.output, step + 1, [], run.actors.policy, run.actors.value, run.tok,
+                                 f"signal {stop.signal}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save(step + 1)
     console.close()
     log.close()
     history = read_jsonl(os.path.join(cfg.output, "metrics.jsonl"))  # the whole run, earlier legs included
