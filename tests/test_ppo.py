@@ -351,6 +351,9 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tok, tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "peak"))}  # noqa: E731
     lines = [[strip(json.loads(x)) for x in open(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
     assert lines[0] == lines[1] and lines[0][-1]["kl_coef"] != 0.05     # the KL controller state came back too
+    again = ppo(PPOConfig(output=str(tmp_path / "b"), resume="auto", **cfg), model=tiny(tok), tokenizer=tok,
+                prompts=SUMS, reward=Crash(at=1))   # finished: nothing to do, the reward is never called
+    assert again.steps == 4 and [strip(r) for r in again.history] == lines[1]
     # a changed trajectory setting is refused, naming it
     with pytest.raises(UserError, match="clip_eps"):
         ppo(PPOConfig(output=str(tmp_path / "b"), resume="auto", **dict(cfg, steps=5), clip_eps=0.3),

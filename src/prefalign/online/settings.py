@@ -359,7 +359,8 @@ class PPOConfig:
     # the objective
     kl_coef: float = _h(0.05, 'KL penalty coefficient: r_t = -kl_coef (log pi - log pi_ref) per token (the start '
                               'value when kl_target is set)')
-    kl_target: float = _h(0.0, 'adaptive KL controller target (KL per completion, summed over tokens); 0 = fixed kl_coef')
+    kl_target: float = _h(0.0, 'adaptive KL controller target (KL per completion, summed over tokens); '
+                               '0 = fixed kl_coef')
     kl_horizon: float = _h(10000.0, 'adaptive KL controller horizon, in completions (Ziegler et al.)')
     gamma: float = _h(1.0, 'GAE discount')
     lam: float = _h(0.95, 'GAE lambda')
@@ -411,7 +412,8 @@ class PPOConfig:
             self.reward = [self.reward]
         check_table(self, self.RANGES, "ppo config")
         checks = [
-            (self.lr_schedule in ("constant", "linear", "cosine"), f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}"),
+            (self.lr_schedule in ("constant", "linear", "cosine"),
+             f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"),
             (not self.reward_weights or len(self.reward_weights) == len(self.reward),
              f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
