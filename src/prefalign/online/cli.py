@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
-import os
 import typing
 
 from prefalign import validation
@@ -124,6 +122,7 @@ def _parse_sets(pairs: list[str] | None) -> dict:
 def cmd_generate(args):
     """Model + prompts file -> JSONL of completions (one row per sample), optionally scored."""
     from prefalign import models
+    from prefalign.metrics import write_jsonl
     from prefalign.online.generate import SamplingConfig, generate
     from prefalign.online.grpo import load_prompts, make_reward
 
@@ -137,16 +136,16 @@ def cmd_generate(args):
     idx = list(range(len(pset)))
     _, texts, extra = pset.select(idx, repeat=args.n)
     rewards = make_reward(args.reward).score(texts, gens.texts, extra).total if args.reward else None
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as fh:
-        for k in range(len(gens)):
-            i = k // args.n
-            row = {"prompt": pset.raw[i], "completion": gens.texts[k], "sample": k % args.n,
-                   "finish_reason": gens.finish_reasons[k], "num_tokens": len(gens.token_ids[k])}
-            if rewards is not None:
-                row["reward"] = rewards[k]
-            row.update({c: v[i] for c, v in pset.extra.items() if c not in row})
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows = []
+    for k in range(len(gens)):
+        i = k // args.n
+        row = {"prompt": pset.raw[i], "completion": gens.texts[k], "sample": k % args.n,
+               "finish_reason": gens.finish_reasons[k], "num_tokens": len(gens.token_ids[k])}
+        if rewards is not None:
+            row["reward"] = rewards[k]
+        row.update({c: v[i] for c, v in pset.extra.items() if c not in row})
+        rows.append(row)
+    write_jsonl(args.output, rows)
     print(f"{len(gens)} completions ({gens.num_tokens} tokens, {gens.tokens_per_second:.0f} tokens/s) -> {args.output}"
           + (f"  mean reward {sum(rewards) / len(rewards):.4g}" if rewards else ""))
 
