@@ -81,7 +81,7 @@ def test_compare_defaults_come_from_demo_settings():
 def test_every_compare_flag_has_help():
     import argparse
 
-    from prefalign.online.cli import register
+    from prefalign.experiments.cli import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
