@@ -78,5 +78,5 @@ def test_write_jsonl_round_trips_and_leaves_no_partial_file(tmp_path):
     assert read_jsonl(path) == rows
     assert "héllo" in open(path, encoding="utf-8").read()  # written as text, not \u escapes
     assert not (tmp_path / "new" / "rows.jsonl.tmp").exists()
-    write_jsonl(path, [{"when": object}], default=str)
-    assert json.loads(open(path).read())["when"] == str(object)
+    write_jsonl(path, [{"when": object, "half": "a\ud800b"}])  # not JSON, not Unicode: still one line
+    assert json.loads(open(path, encoding="utf-8").read()) == {"when": str(object), "half": "a\ud800b"}

@@ -30,7 +30,7 @@ def data_path(data, where: str = "data") -> str:
     path = os.path.join(tempfile.mkdtemp(prefix="prefalign-data-"), f"{where}.jsonl")
     from prefalign.metrics import write_jsonl
 
-    return write_jsonl(path, rows, default=str)
+    return write_jsonl(path, rows)
 
 
 def _config(cfg: TrainConfig | None, fields: dict, base: dict) -> TrainConfig:

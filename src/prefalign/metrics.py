@@ -24,13 +24,16 @@ def peak_memory_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def write_jsonl(path: str, rows, default=None) -> str:
-    """Write `rows` (dicts) as JSON Lines, atomically: a crash never leaves half a file. `default`
-    as json.dumps's (str: write what JSON cannot hold as text). Returns the path."""
+def write_jsonl(path: str, rows) -> str:
+    """Write `rows` (dicts) as JSON Lines, atomically: a crash never leaves half a file. Lines as
+    data.jsonsafe.json_text writes them (readable non-ASCII, a lone surrogate escaped, what JSON
+    cannot hold as its str). Returns the path."""
+    from prefalign.data.jsonsafe import json_text
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r, ensure_ascii=False, default=default) + "\n" for r in rows)
+        fh.writelines(json_text(r) + "\n" for r in rows)
     os.replace(tmp, path)
     return path
 
