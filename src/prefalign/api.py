@@ -9,7 +9,6 @@ data fingerprint in config.yaml and `--resume` all work exactly as for a file on
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 
@@ -29,10 +28,9 @@ def data_path(data, where: str = "data") -> str:
     if not isinstance(rows, (list, tuple)) or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"{where}: expected a path, a datasets.Dataset or a list of dicts; got {type(data).__name__}")
     path = os.path.join(tempfile.mkdtemp(prefix="prefalign-data-"), f"{where}.jsonl")
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    return path
+    from prefalign.metrics import write_jsonl
+
+    return write_jsonl(path, rows)
 
 
 def _config(cfg: TrainConfig | None, fields: dict, base: dict) -> TrainConfig:
@@ -110,7 +108,7 @@ def evaluate(model, ref_model, data, *, tokenizer=None, beta: float = 0.1, batch
     `tokenizer`); data: a path, a Dataset or a list of dicts."""
     from types import SimpleNamespace
 
-    from prefalign.evaluate import run_eval
+    from prefalign.evaluation import run_eval
 
     fields: dict = {}
     objects = _split_objects(model, tokenizer, ref_model, fields)

@@ -1,7 +1,7 @@
-"""The online commands: `prefalign generate`, `grpo`, `ppo`, `iterate`, `compare`.
+"""The online commands: `prefalign generate`, `grpo`, `ppo`, `iterate`.
 
-Registered by prefalign.cli (`_extra_commands`). Every field of GRPOConfig / IterativeConfig /
-CompareSettings is a flag (steps <-> --steps) and, for grpo and iterate, a key of a --config
+Registered by prefalign.cli (`_extra_commands`). Every field of GRPOConfig / IterativeConfig
+(and of CompareSettings, experiments.cli) is a flag (steps <-> --steps) and, for grpo and iterate, a key of a --config
 YAML file; flags win over the file. Errors the user can fix (a bad flag, a reward function that
 raises or returns the wrong thing) print one line and exit 2 through prefalign.cli.main.
 """
@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
-import os
 import typing
 
 from prefalign import validation
 from prefalign.errors import UserError
-from prefalign.validation import add_ranged, check_output_dir, check_output_file, path_arg
+from prefalign.validation import add_ranged, check_output_file, path_arg
 
 
 def _default(f: dataclasses.Field):
@@ -124,6 +122,7 @@ def _parse_sets(pairs: list[str] | None) -> dict:
 def cmd_generate(args):
     """Model + prompts file -> JSONL of completions (one row per sample), optionally scored."""
     from prefalign import models
+    from prefalign.metrics import write_jsonl
     from prefalign.online.generate import SamplingConfig, generate
     from prefalign.online.grpo import load_prompts, make_reward
 
@@ -137,16 +136,16 @@ def cmd_generate(args):
     idx = list(range(len(pset)))
     _, texts, extra = pset.select(idx, repeat=args.n)
     rewards = make_reward(args.reward).score(texts, gens.texts, extra).total if args.reward else None
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as fh:
-        for k in range(len(gens)):
-            i = k // args.n
-            row = {"prompt": pset.raw[i], "completion": gens.texts[k], "sample": k % args.n,
-                   "finish_reason": gens.finish_reasons[k], "num_tokens": len(gens.token_ids[k])}
-            if rewards is not None:
-                row["reward"] = rewards[k]
-            row.update({c: v[i] for c, v in pset.extra.items() if c not in row})
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows = []
+    for k in range(len(gens)):
+        i = k // args.n
+        row = {"prompt": pset.raw[i], "completion": gens.texts[k], "sample": k % args.n,
+               "finish_reason": gens.finish_reasons[k], "num_tokens": len(gens.token_ids[k])}
+        if rewards is not None:
+            row["reward"] = rewards[k]
+        row.update({c: v[i] for c, v in pset.extra.items() if c not in row})
+        rows.append(row)
+    write_jsonl(args.output, rows)
     print(f"{len(gens)} completions ({gens.num_tokens} tokens, {gens.tokens_per_second:.0f} tokens/s) -> {args.output}"
           + (f"  mean reward {sum(rewards) / len(rewards):.4g}" if rewards else ""))
 
@@ -192,31 +191,9 @@ def cmd_iterate(args):
           + (f" -> {after:.3g} (final policy)" if after is not None else ""))
 
 
-def _compare_default(name: str):
-    """The default of a compare flag that comes from the task (None in CompareSettings), in words."""
-    from prefalign.demo.settings import MAX_NEW_TOKENS, DemoSettings
-    from prefalign.online.settings import DEMO_FIELDS, USER_DEFAULTS
-
-    if name not in USER_DEFAULTS:
-        return None
-    demo = MAX_NEW_TOKENS if name == "max_new_tokens" else getattr(DemoSettings(), DEMO_FIELDS[name])
-    return f"default: demo task {demo!r} (DemoSettings); your task {USER_DEFAULTS[name]!r}"
-
-
-def cmd_compare(args):
-    from prefalign.online.compare import CompareSettings, compare
-
-    if args.methods and len(args.methods) == 1 and "," in args.methods[0]:
-        args.methods = args.methods[0].split(",")
-    given = {k: v for k, v in _given_flags(CompareSettings, args).items() if k != "quick"}
-    s = (CompareSettings.quick_settings if args.quick else CompareSettings)(**given)
-    check_output_dir(s.output, "--output")
-    compare(s)
-
-
 def register(sub) -> None:
     # The settings classes only: the loops (torch, transformers) load when a command runs.
-    from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig, PPOConfig
+    from prefalign.online.settings import GRPOConfig, IterativeConfig, PPOConfig
 
     p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored")
     p.add_argument("--model", type=path_arg, required=True, help="model: a local path or a hub id (required)")
@@ -256,11 +233,3 @@ def register(sub) -> None:
                    help="a `prefalign train` config key for each round's DPO (repeatable), e.g. --set warmup_steps=10 (default: none)")
     add_dataclass_flags(p, IterativeConfig)
     p.set_defaults(func=cmd_iterate)
-
-    p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO from the same SFT model: "
-                                       "held-out score, stability, time, memory (demo task by default)",
-                       description="Aligns one SFT model three ways and writes OUTPUT/report.md (table + plots). "
-                                   "Without --model it runs on the demo task, whose numbers default to "
-                                   "`prefalign demo`'s (DemoSettings); see docs/compare.md.")
-    add_dataclass_flags(p, CompareSettings, defaults_help=_compare_default)
-    p.set_defaults(func=cmd_compare)

@@ -34,12 +34,12 @@ import torch
 
 from prefalign import hardware
 from prefalign.errors import UserError
-from prefalign.metrics import MetricsLog, peak_memory_mb
+from prefalign.metrics import MetricsLog, peak_memory_mb, write_jsonl
 from prefalign.online.generate import SamplingConfig, generate
 from prefalign.online.grpo import (
     PromptSet, autocast_for, load_policy, load_prompts, make_reward, plot_run, prepare_output, write_config,
 )
-from prefalign.online.pairs import build_pairs, write_pairs
+from prefalign.online.pairs import build_pairs
 from prefalign.online.settings import REFERENCES, IterativeConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
 from prefalign.train import step_indices
 
@@ -97,7 +97,7 @@ def iterate(cfg: IterativeConfig, *, model=None, tokenizer=None, prompts=None, r
         t1 = time.perf_counter()
         rows = build_pairs([pset.raw[i] for i in idx], gens.texts, scores.total, cfg.samples, cfg.min_gap,
                            cfg.pairs_per_prompt, extra={c: [v[i] for i in idx] for c, v in pset.extra.items()})
-        path = write_pairs(os.path.join(rdir, "pairs.jsonl"), rows)
+        path = write_jsonl(os.path.join(rdir, "pairs.jsonl"), rows)
         r = torch.tensor(scores.total)
         record = {"step": k, "round": k, "reward/mean": r.mean().item(), "reward/std": r.std().item(),
                   "pairs": len(rows), "completion_length": gens.num_tokens / len(gens),

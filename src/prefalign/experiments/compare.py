@@ -45,11 +45,10 @@ import torch
 
 from prefalign.errors import UserError
 from prefalign.metrics import peak_memory_mb
-from prefalign.online.generate import SamplingConfig, generate
 from prefalign.online.grpo import GRPOConfig, PromptSet, grpo, load_prompts, make_reward
 from prefalign.online.iterative import IterativeConfig, iterate
-from prefalign.online.settings import (  # noqa: F401 (the settings live apart: the CLI imports them without torch)
-    DEMO_FIELDS, DEMO_REWARD, LABELS, METHODS, USER_DEFAULTS, CompareSettings, _demo_settings,
+from prefalign.experiments.compare_settings import (  # the settings live apart: the CLI imports them without torch
+    DEMO_REWARD, LABELS, METHODS, CompareSettings, _demo_settings,
 )
 
 
@@ -142,19 +141,15 @@ def _slice(p: PromptSet, lo: int, hi: int) -> PromptSet:
     return PromptSet(p.ids[lo:hi], p.texts[lo:hi], {k: v[lo:hi] for k, v in p.extra.items()}, p.raw[lo:hi])
 
 
-@torch.no_grad()
 def evaluate(policy, tok, heldout: PromptSet, reward, sft_model, max_new_tokens: int, seed: int) -> dict:
-    """Held-out reward of greedy and of sampled completions, KL to the SFT model, mean length."""
-    from prefalign.evaluate import sampled_kl
-    from prefalign.reference import ModelReference
+    """evaluation.generation_metrics on the held-out prompts, scored by `reward`, KL to the SFT model."""
+    from prefalign.evaluation import generation_metrics
 
-    greedy = generate(policy, tok, heldout.ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0))
-    sampled = generate(policy, tok, heldout.ids, SamplingConfig(max_new_tokens=max_new_tokens, seed=seed + 1))
-    score = lambda g: sum(reward.score(heldout.texts, g.texts, heldout.extra).total) / len(g)  # noqa: E731
-    ref = ModelReference(sft_model, pad_id=tok.pad_token_id, packing=False, token_budget=0, chunk_size=0)
-    kl = sampled_kl(policy, ref, tok, heldout.ids, max_new_tokens=max_new_tokens, seed=seed + 2, batch_size=256)
-    return {"score": score(greedy), "score_sampled": score(sampled), "kl": kl["kl/sampled"],
-            "length": greedy.num_tokens / len(greedy)}
+    def score(texts):
+        return reward.score(heldout.texts, texts, heldout.extra).total
+
+    return generation_metrics(policy, tok, heldout.ids, score, max_new_tokens=max_new_tokens, seed=seed,
+                              reference_model=sft_model)
 
 
 # ----------------------------------------------------------------------------------------------
