@@ -31,7 +31,7 @@ from prefalign.demo import task
 from prefalign.demo.model import build_model
 from prefalign.demo.pipeline import MAX_NEW_TOKENS
 from prefalign.demo.tokenizer import build_tokenizer
-from prefalign.online.generate import SamplingConfig, generate
+from prefalign.sampling import SamplingConfig, generate
 from prefalign.online.grpo import GRPOConfig, update
 
 P, G = 8, 4

@@ -66,7 +66,7 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_ne
     """KL(pi || ref) on samples of the policy, with their mean length.
 
     `reference` is a prefalign.reference.Reference (copy or adapters-off)."""
-    from prefalign.online.generate import SamplingConfig, generate
+    from prefalign.sampling import SamplingConfig, generate
 
     kls, lengths = [], []
     for i in range(0, len(prompts), batch_size):

@@ -177,7 +177,7 @@ def write_rows(path: str, rows: list[dict]) -> str:
 def degenerate_fraction(model, tok, problems: list[task.Problem], seed: int, max_new_tokens: int | None = None) -> dict:
     """Greedy answers that are not a well-formed number (empty, junk, leading zeros) or that run
     on to the token limit without an end-of-sequence token."""
-    from prefalign.online.generate import SamplingConfig, generate
+    from prefalign.sampling import SamplingConfig, generate
 
     gen = generate(model, tok, [p.prompt for p in problems],
                    SamplingConfig(max_new_tokens=max_new_tokens or pipeline.MAX_NEW_TOKENS, temperature=0.0,

@@ -21,7 +21,7 @@ import torch
 
 from prefalign.demo import task
 from prefalign.experiments import common
-from prefalign.online.generate import SamplingConfig, generate
+from prefalign.sampling import SamplingConfig, generate
 
 FILLER = " "
 LONG_TOKENS = 10

@@ -124,7 +124,7 @@ def _parse_sets(pairs: list[str] | None) -> dict:
 def cmd_generate(args):
     """Model + prompts file -> JSONL of completions (one row per sample), optionally scored."""
     from prefalign import models
-    from prefalign.online.generate import SamplingConfig, generate
+    from prefalign.sampling import SamplingConfig, generate
     from prefalign.online.grpo import load_prompts, make_reward
 
     check_output_file(args.output, "--output")

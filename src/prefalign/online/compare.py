@@ -45,7 +45,7 @@ import torch
 
 from prefalign.errors import UserError
 from prefalign.metrics import peak_memory_mb
-from prefalign.online.generate import SamplingConfig, generate
+from prefalign.sampling import SamplingConfig, generate
 from prefalign.online.grpo import GRPOConfig, PromptSet, grpo, load_prompts, make_reward
 from prefalign.online.iterative import IterativeConfig, iterate
 from prefalign.online.settings import (  # noqa: F401 (the settings live apart: the CLI imports them without torch)

@@ -6,7 +6,7 @@
 
 One step (one generation batch):
   1. P prompts (a seeded permutation, a fresh one each epoch) -> G samples each from the
-     current policy (online.generate, KV cache): B = P * G completions, grouped by prompt.
+     current policy (prefalign.sampling, KV cache): B = P * G completions, grouped by prompt.
   2. Rewards r [B] from the reward function(s); advantages A [B] group-normalized
      (losses.grpo.group_advantages: scale "group" | "batch" | "none").
   3. mu optimizer steps on that batch. The log-probs of the sampling policy ("old") are
@@ -49,7 +49,7 @@ from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
 from prefalign.losses.grpo import group_advantages, grpo_loss
 from prefalign.metrics import Console, MetricsLog, peak_memory_mb
-from prefalign.online.generate import SamplingConfig, generate
+from prefalign.sampling import SamplingConfig, generate
 from prefalign.online.rewards import CombinedReward, combine, load_reward
 from prefalign.online.settings import GRPOConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
 from prefalign.train import lr_lambda, step_indices

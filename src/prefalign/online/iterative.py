@@ -5,7 +5,7 @@
 
 Round k (1-based):
   1. prompts_per_round prompts (a seeded permutation, fresh each pass over the prompts)
-     -> `samples` completions each from the current policy (online.generate).
+     -> `samples` completions each from the current policy (prefalign.sampling).
   2. Scores from the reward function(s) (or a judge wrapped as one).
   3. Pairs: best vs worst of each group, kept when the reward gap is >= min_gap
      (online.pairs.build_pairs) -> OUTPUT/round-k/pairs.jsonl.
@@ -35,7 +35,7 @@ import torch
 from prefalign import hardware
 from prefalign.errors import UserError
 from prefalign.metrics import MetricsLog, peak_memory_mb
-from prefalign.online.generate import SamplingConfig, generate
+from prefalign.sampling import SamplingConfig, generate
 from prefalign.online.grpo import (
     PromptSet, autocast_for, load_policy, load_prompts, make_reward, plot_run, prepare_output, write_config,
 )

@@ -474,9 +474,9 @@ class PairwiseJudge:
     @torch.inference_mode()
     def _margins(self, token_lists: list[list[int]]) -> list[float]:
         """logit(A) - logit(B) at the next position, for each prompt (left-padded batches)."""
-        from prefalign.online.generate import _forward_kwargs  # the same model-call conventions
+        from prefalign.sampling import forward_kwargs  # the same model-call conventions
 
-        fwd = _forward_kwargs(self.model)
+        fwd = forward_kwargs(self.model)
         device = _device(self.model)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = []
