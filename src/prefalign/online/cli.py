@@ -59,11 +59,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             parser.add_argument(flag, type=type(default), choices=choices, **kw)
         else:
             parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kw)
-    for alias, name in getattr(cls, "ALIASES", {}).items():  # --beta: GRPO's kl_coef under TRL's name
+    # --beta: GRPO's kl_coef under TRL's name. Unlisted, as train's TRL names are (docs/trl.md).
+    for alias, name in getattr(cls, "ALIASES", {}).items():
         field = next(f for f in dataclasses.fields(cls) if f.name == name)
         parser.add_argument("--" + alias.replace("_", "-"), dest=ALIAS + alias, default=None,
-                            type=type(_default(field)), choices=field.metadata.get("choices"),
-                            help=f"another name for --{name.replace('_', '-')}")
+                            type=type(_default(field)), choices=field.metadata.get("choices"), help=argparse.SUPPRESS)
 
 
 def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
