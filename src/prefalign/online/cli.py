@@ -198,9 +198,9 @@ def cmd_compare(args):
     if args.methods and len(args.methods) == 1 and "," in args.methods[0]:
         args.methods = args.methods[0].split(",")
     given = {k: v for k, v in _given_flags(CompareSettings, args).items() if k != "quick"}
-    s = (CompareSettings.quick_settings if args.quick else CompareSettings)(**given)
-    check_output_dir(s.output, "--output")
-    compare(s)
+    settings = (CompareSettings.quick_settings if args.quick else CompareSettings)(**given)
+    check_output_dir(settings.output, "--output")
+    compare(settings)
 
 
 def register(sub) -> None:

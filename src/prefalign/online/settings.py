@@ -350,8 +350,8 @@ class CompareSettings:
         return cls(**base)
 
 
-def _demo_settings(s: CompareSettings, seed: int):
+def _demo_settings(settings: CompareSettings, seed: int):
     from prefalign.demo.settings import DemoSettings
 
-    d = DemoSettings.quick(seed) if s.quick else DemoSettings(seed=seed)
+    d = DemoSettings.quick(seed) if settings.quick else DemoSettings(seed=seed)
     return dataclasses.replace(d, progress=False)
