@@ -147,6 +147,19 @@ def test_online_loops_load_with_the_attention_asked_for(tok, tmp_path):
         GRPOConfig(attention="fast")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flex_attention trains on CUDA")
+@pytest.mark.parametrize("command", ["grpo", "iterate"])
+def test_flex_attention_training_on_cpu_is_one_line(tmp_path, capsys, saved_model, prompts_file, command):
+    argv = grpo_argv(saved_model, prompts_file, tmp_path / "run", "--attention", "flex_attention")
+    if command == "iterate":
+        argv = ["iterate", "--model", saved_model, "--prompts", prompts_file, "--reward", "regex=1", "--output",
+                str(tmp_path / "run"), "--attention", "flex_attention"]
+    assert cli.main(argv) == 2
+    err = errors(capsys)
+    assert len(err) == 1 and "flex_attention: training needs a CUDA GPU" in err[0], err
+    assert not os.path.exists(tmp_path / "run")
+
+
 # ---------------------------------------------------------------------------------------------- names
 
 

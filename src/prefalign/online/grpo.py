@@ -87,7 +87,10 @@ def grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, prompts=None, reward=No
     """Run GRPO. prompts / reward / model objects override the config's paths and specs."""
     from prefalign.models import save_model
 
+    from prefalign.config import check_attention
+
     cfg.validate()
+    check_attention(cfg.attention)  # before the output directory is touched
     cfg.precision = hardware.announce(cfg.precision)  # config.yaml records what ran
     with claimed(cfg):  # OUTPUT/.lock from before loading to the end, as `prefalign train`
         run = _set_up(cfg, model, tokenizer, prompts, reward, ref_model)

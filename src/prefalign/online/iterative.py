@@ -78,9 +78,11 @@ class _Run:
 
 def iterate(cfg: IterativeConfig, *, model=None, tokenizer=None, prompts=None, reward=None) -> IterativeResult:
     """Run iterative DPO. prompts / reward / model objects override the config's paths and specs."""
+    from prefalign.config import check_attention
     from prefalign.models import save_model
 
     cfg.validate()
+    check_attention(cfg.attention)  # each round trains: refused now, not after round 1's sampling
     cfg.precision = hardware.announce(cfg.precision)  # once; each round's DPO gets the concrete value
     with claimed(cfg):  # OUTPUT/.lock from before loading to the end, as `prefalign train`
         run = _set_up(cfg, model, tokenizer, prompts, reward)
