@@ -12,6 +12,8 @@ One step (one generation batch):
   3. mu optimizer steps on that batch. The log-probs of the sampling policy ("old") are
      the detached log-probs of the first pass (the policy has not moved yet), so they cost
      no extra forward; the reference log-probs (kl_coef > 0) are computed once per batch.
+     The reference: ref_model if given, else the initial policy (with LoRA: the policy with
+     its adapters off, no copy; else a frozen copy).
      Each optimizer step runs the batch in micro-batches whose losses are re-weighted so
      the gradient equals the full-batch gradient of the chosen aggregation.
 
