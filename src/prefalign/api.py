@@ -123,10 +123,10 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 128, temperatur
              top_p: float = 1.0, top_k: int = 0, n: int = 1, seed: int | None = None, batch_size: int = 64):
     """Sample `n` completions per prompt (strings or token-id lists); temperature 0 = greedy.
     `model`/`tokenizer`: objects, or a path (the tokenizer then defaults to the model's).
-    Returns online.generate.Generations (`.texts`, `.token_ids`, `.finish_reasons`, row i*n+j =
+    Returns prefalign.sampling.Generations (`.texts`, `.token_ids`, `.finish_reasons`, row i*n+j =
     sample j of prompt i)."""
     from prefalign import models
-    from prefalign.online.generate import SamplingConfig, generate as sample
+    from prefalign.sampling import SamplingConfig, generate as sample
 
     if isinstance(model, (str, os.PathLike)):
         tokenizer = models.load_tokenizer(os.fspath(tokenizer or model)) if not hasattr(tokenizer, "decode") \

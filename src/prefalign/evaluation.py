@@ -68,7 +68,7 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_ne
     """KL(pi || ref) on samples of the policy, with their mean length.
 
     `reference` is a prefalign.reference.Reference (copy or adapters-off)."""
-    from prefalign.online.generate import SamplingConfig, generate
+    from prefalign.sampling import SamplingConfig, generate
 
     kls, lengths = [], []
     for i in range(0, len(prompts), batch_size):
@@ -119,7 +119,7 @@ def generation_metrics(policy, tokenizer, prompts: list[list[int]], score, *, ma
     reference) on the policy's samples (seed + 2); with `well_formed` (text -> bool), the degenerate
     shares of the greedy completions: malformed (not well formed) and run_on (stopped by the token
     limit, no end-of-sequence)."""
-    from prefalign.online.generate import SamplingConfig, generate
+    from prefalign.sampling import SamplingConfig, generate
     from prefalign.reference import ModelReference
 
     was = policy.training

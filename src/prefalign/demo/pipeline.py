@@ -20,9 +20,9 @@ from prefalign.demo import task
 from prefalign.errors import UserError
 from prefalign.demo.model import build_model
 from prefalign.demo.tokenizer import build_tokenizer
-from prefalign.online.generate import SamplingConfig, generate
 from prefalign.metrics import write_jsonl
 from prefalign.online.pairs import build_pairs
+from prefalign.sampling import SamplingConfig, generate
 
 from prefalign.demo.settings import MAX_NEW_TOKENS, DemoSettings  # noqa: F401 (here since before the split)
 

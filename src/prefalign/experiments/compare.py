@@ -45,7 +45,8 @@ import torch
 
 from prefalign.errors import UserError
 from prefalign.metrics import peak_memory_mb
-from prefalign.online.grpo import GRPOConfig, PromptSet, grpo, load_prompts, make_reward
+from prefalign.online.common import PromptSet, load_prompts, make_reward
+from prefalign.online.grpo import GRPOConfig, grpo
 from prefalign.online.iterative import IterativeConfig, iterate
 from prefalign.experiments.compare_settings import (  # the settings live apart: the CLI imports them without torch
     DEMO_REWARD, LABELS, METHODS, CompareSettings, _demo_settings,
@@ -171,7 +172,7 @@ def run_method(method: str, seed: int, settings: dict) -> dict:
     if method in ("dpo", "iterative"):
         rounds = 1 if method == "dpo" else s.rounds
         cfg = IterativeConfig(rounds=rounds, prompts_per_round=s.sample_prompts // rounds, samples=s.samples,
-                              min_gap=s.min_gap, pairs_per_prompt=s.pairs_per_prompt, reference=s.reference,
+                              min_gap=s.min_gap, pairs_per_prompt=s.pairs_per_prompt, ref_update=s.reference,
                               beta=s.beta, lr=s.dpo_lr, dpo_steps=s.dpo_steps // rounds, batch_size=s.dpo_batch,
                               train_overrides={"lr_schedule": "constant"}, **common)
         res = iterate(cfg, model=copy.deepcopy(sft), tokenizer=tok, prompts=train_set, reward=reward)
@@ -184,7 +185,7 @@ def run_method(method: str, seed: int, settings: dict) -> dict:
         train_s = sum(r["time/training"] for r in res.history)
     elif method == "grpo":
         cfg = GRPOConfig(steps=s.grpo_steps, prompts_per_step=s.grpo_prompts, group_size=s.samples, lr=s.grpo_lr,
-                         beta=s.grpo_beta, mu=s.grpo_mu, scale=s.grpo_scale, aggregation=s.grpo_aggregation, **common)
+                         kl_coef=s.grpo_beta, mu=s.grpo_mu, scale=s.grpo_scale, aggregation=s.grpo_aggregation, **common)
         res = grpo(cfg, model=copy.deepcopy(sft), tokenizer=tok, prompts=train_set, reward=reward)
         policy = res.policy
         curve = [{"step": r["step"], "loss": r["loss"], "reward": r["reward/mean"]} for r in res.history]

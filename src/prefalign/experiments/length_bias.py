@@ -22,7 +22,7 @@ import torch
 from prefalign.demo import task
 from prefalign.experiments import common
 from prefalign.metrics import write_jsonl
-from prefalign.online.generate import SamplingConfig, generate
+from prefalign.sampling import SamplingConfig, generate
 
 FILLER = " "
 LONG_TOKENS = 10

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import typing
 
 from prefalign import validation
 from prefalign.errors import UserError
+from prefalign.trl_keys import translate
 from prefalign.validation import add_ranged, check_output_file, path_arg
+
+
+ALIAS = "alias__"  # the argparse dest prefix of an alias flag
 
 
 def _default(f: dataclasses.Field):
@@ -54,6 +57,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             parser.add_argument(flag, type=type(default), choices=choices, **kw)
         else:
             parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kw)
+    # --beta: GRPO's kl_coef under TRL's name. Unlisted, as train's TRL names are (docs/trl.md).
+    for alias, name in getattr(cls, "ALIASES", {}).items():
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        parser.add_argument("--" + alias.replace("_", "-"), dest=ALIAS + alias, default=None,
+                            type=type(_default(field)), choices=field.metadata.get("choices"), help=argparse.SUPPRESS)
 
 
 def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
@@ -66,12 +74,10 @@ def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
         from prefalign.yamlio import load_mapping
 
         config_path = validation.expand(config_path)
-        mapping = load_mapping(config_path)
-        unknown = [_hinted(key, names) for key in mapping if key.replace("-", "_") not in names]
-        if unknown:  # all of them at once: a file written for another tool has several
-            raise UserError(f"{config_path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
-        for key, value in mapping.items():
-            name = key.replace("-", "_")
+        # Unknown keys all at once (a file written for another tool has several); aliases (GRPO's
+        # `beta`, TRL's name) become their fields, as `prefalign train` does for TRL's names.
+        mapping = translate(load_mapping(config_path), names, config_path, getattr(cls, "ALIASES", {}))
+        for name, value in mapping.items():
             value = validation.coerce(name, value, types[name], config_path, ranges.get(name))
             _refuse_outside(name, value, ranges, config_path)
             values[name] = validation.expand(value) if name in paths else value
@@ -84,11 +90,6 @@ def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
         raise UserError(f"{config_path or 'flags'}: {e}") from None
 
 
-def _hinted(key: str, names) -> str:
-    close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
-    return f"'{key}' (did you mean '{close[0]}'?)" if close else f"'{key}'"
-
-
 def _refuse_outside(name: str, value, ranges: dict, where: str) -> None:
     msg = validation.problem(name, value, ranges.get(name))
     if msg:
@@ -96,9 +97,13 @@ def _refuse_outside(name: str, value, ranges: dict, where: str) -> None:
 
 
 def _given_flags(cls, args) -> dict:
-    """The fields of `cls` set by a flag, each checked against cls.RANGES (the refusal names the flag)."""
-    ranges = getattr(cls, "RANGES", {})
+    """The fields of `cls` set by a flag (or an alias flag: --beta), each checked against cls.RANGES
+    (the refusal names the flag)."""
+    ranges, aliases = getattr(cls, "RANGES", {}), getattr(cls, "ALIASES", {})
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    given.update({alias: getattr(args, ALIAS + alias) for alias in aliases
+                  if getattr(args, ALIAS + alias, None) is not None})
+    given = translate(given, given, "flags", aliases)  # a field set under both names is refused
     for name, value in given.items():
         _refuse_outside(name, value, ranges, "--" + name.replace("_", "-"))
     return given
@@ -123,8 +128,8 @@ def cmd_generate(args):
     """Model + prompts file -> JSONL of completions (one row per sample), optionally scored."""
     from prefalign import models
     from prefalign.metrics import write_jsonl
-    from prefalign.online.generate import SamplingConfig, generate
-    from prefalign.online.grpo import load_prompts, make_reward
+    from prefalign.online.common import load_prompts, make_reward
+    from prefalign.sampling import SamplingConfig, generate
 
     check_output_file(args.output, "--output")
     tok = models.load_tokenizer(args.tokenizer or args.model)

@@ -3,7 +3,7 @@
     rows = build_pairs(prompts, completions, rewards, group_size=8, min_gap=0.5)
     write_jsonl("round-1/pairs.jsonl", rows)      # (prefalign.metrics) what `prefalign train --data` reads
 
-Samples come grouped by prompt (row i * G + g is sample g of prompt i, as `online.generate`
+Samples come grouped by prompt (row i * G + g is sample g of prompt i, as `prefalign.sampling`
 returns them). Within a group, completions are ranked by reward; pair k is the k-th best
 against the k-th worst, kept only when their reward gap is at least `min_gap` and the two
 texts differ. With pairs_per_prompt=1 this is the usual "best vs worst" of iterative DPO

@@ -13,6 +13,8 @@ from prefalign.errors import UserError
 from prefalign.hardware import HELP, PRECISIONS
 from prefalign.validation import check_table
 
+ATTENTIONS = ("auto", "sdpa", "eager", "flex_attention")  # TrainConfig.attention's choices
+
 
 def _h(default, help: str, choices=None):
     """A field with its flag's help and choices."""
@@ -49,7 +51,7 @@ class GRPOConfig:
     aggregation: str = _h("grpo", 'loss aggregation: grpo, dr_grpo (constant normalizer), dapo (token mean)', ("grpo", "dr_grpo", "dapo"))
     clip_eps: float = _h(0.2, 'PPO clip epsilon')
     clip_eps_high: float = _h(0.0, "upper clip epsilon; 0 = clip_eps (DAPO's clip-higher sets e.g. 0.28)")
-    beta: float = _h(0.0, 'KL coefficient; 0 = no reference model is loaded')
+    kl_coef: float = _h(0.0, 'KL coefficient to the reference (TRL: beta); 0 = no reference model is loaded')
     mu: int = _h(1, 'optimizer steps per generation batch')
     micro_batch: int = _h(0, 'completions per forward/backward (0 = the whole batch)')
     # optimisation
@@ -61,6 +63,16 @@ class GRPOConfig:
     adam_beta2: float = _h(0.999, 'AdamW beta2')
     max_grad_norm: float = _h(1.0, 'gradient clipping norm (0 = off)')
     precision: str = _h("fp32", HELP, PRECISIONS)
+    # the models (loaded as `prefalign train` loads them: prefalign.prepare)
+    attention: str = _h("auto", "attention implementation the models load with (auto: transformers' default)",
+                        ATTENTIONS)
+    trust_remote_code: bool = _h(False, "allow the model repo's own Python code to run (off by default)")
+    lora_r: int = _h(0, 'LoRA rank (0 = full fine-tuning); with kl_coef > 0 and no ref_model the reference is '
+                        'the policy with its adapters off')
+    lora_alpha: float = _h(16.0, 'LoRA alpha')
+    lora_dropout: float = _h(0.0, 'LoRA dropout')
+    lora_target_modules: str = _h("all-linear", 'comma-separated module names for LoRA, or all-linear')
+    qlora: bool = _h(False, 'load the base in 4-bit (bitsandbytes, GPU only) and train LoRA on it')
     chunk_size: int = _h(0, 'tokens per chunk of the log-prob head (0 = automatic)')
     packing: bool = _h(True, 'one segment [prompt | G completions] per group, no padding; off = padded rows')
     token_budget: int = _h(0, 'tokens per packed row (0 = the longest group of the micro-batch)')
@@ -77,11 +89,13 @@ class GRPOConfig:
         "reward_weights": "finite", "steps": ">= 1", "prompts_per_step": ">= 1", "group_size": ">= 2",
         "max_new_tokens": ">= 1", "max_prompt_length": ">= 1", "temperature": "> 0", "top_p": "(0, 1]",
         "top_k": ">= 0", "generation_batch_size": ">= 1", "clip_eps": "(0, 1)", "clip_eps_high": ">= 0",
-        "beta": ">= 0", "mu": ">= 1", "micro_batch": ">= 0", "lr": "(0, 1)", "warmup_steps": ">= 0",
+        "kl_coef": ">= 0", "mu": ">= 1", "micro_batch": ">= 0", "lr": "(0, 1)", "warmup_steps": ">= 0",
         "weight_decay": ">= 0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "max_grad_norm": ">= 0",
         "chunk_size": ">= 0", "token_budget": ">= 0", "seed": "[0, 2**32)", "log_every": ">= 1",
+        "lora_r": ">= 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
     }
     PATHS = ("model", "tokenizer", "ref_model", "prompts", "output")
+    ALIASES = {"beta": "kl_coef"}  # TRL GRPOConfig's name (a YAML key and a flag; see trl_keys.translate)
 
     def __post_init__(self):
         self.validate()
@@ -97,6 +111,8 @@ class GRPOConfig:
             (self.aggregation in AGGREGATIONS, f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}"),
             (self.lr_schedule in ("constant", "linear", "cosine"), f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"),
+            (self.attention in ATTENTIONS, f"attention must be one of {', '.join(ATTENTIONS)}; got {self.attention!r}"),
+            (not self.qlora or self.lora_r > 0, "qlora needs LoRA (set lora_r > 0)"),
             (not self.reward_weights or len(self.reward_weights) == len(self.reward),
              f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
         ]
@@ -105,7 +121,7 @@ class GRPOConfig:
                 raise UserError(f"grpo config: {msg}")
 
 
-REFERENCES = ("fixed", "moving")
+REFERENCES = ("fixed", "moving")  # IterativeConfig.ref_update
 
 
 @dataclass
@@ -131,7 +147,8 @@ class IterativeConfig:
     # pairs
     min_gap: float = _h(0.0, 'a pair needs chosen - rejected reward >= min_gap (and > 0)')
     pairs_per_prompt: int = _h(1, 'best-vs-worst pairs kept per prompt')
-    reference: str = _h("fixed", "each round's reference: fixed (the start model) or moving (the round's starting policy)", REFERENCES)
+    ref_update: str = _h("fixed", "each round's reference: fixed (the start model) or moving (the round's starting "
+                                  "policy)", REFERENCES)
     # DPO in each round (any TrainConfig key can be set through train_overrides)
     loss: str = _h("dpo", 'the paired loss of each round (see `prefalign losses`)')
     beta: float = _h(0.1, 'DPO beta')
@@ -140,6 +157,9 @@ class IterativeConfig:
     epochs: float = _h(1.0, "epochs over the round's pairs when --dpo-steps is 0")
     batch_size: int = _h(8, 'pairs per DPO step')
     precision: str = _h("fp32", HELP, PRECISIONS)
+    attention: str = _h("auto", "attention implementation the model loads with (auto: transformers' default)",
+                        ATTENTIONS)
+    trust_remote_code: bool = _h(False, "allow the model repo's own Python code to run (off by default)")
     seed: int = _h(0, 'random seed')
     train_overrides: dict = _h({}, 'prefalign train keys for each round (--set)')
     progress: bool = _h(True, 'show a progress bar')
@@ -157,6 +177,7 @@ class IterativeConfig:
         "seed": "[0, 2**31)",  # round r trains with seed + r, which must stay in the trainer's [0, 2**32)
     }
     PATHS = ("model", "tokenizer", "prompts", "output")
+    ALIASES = {"reference": "ref_update"}  # its name before ref_update (a YAML key and a flag)
 
     def __post_init__(self):
         self.validate()
@@ -166,7 +187,8 @@ class IterativeConfig:
             self.reward = [self.reward]
         check_table(self, self.RANGES, "iterate config")
         checks = [
-            (self.reference in REFERENCES, f"reference must be fixed or moving; got {self.reference!r}"),
+            (self.ref_update in REFERENCES, f"ref_update must be fixed or moving; got {self.ref_update!r}"),
+            (self.attention in ATTENTIONS, f"attention must be one of {', '.join(ATTENTIONS)}; got {self.attention!r}"),
             (not self.reward_weights or len(self.reward_weights) == len(self.reward),
              f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
         ]
@@ -187,6 +209,7 @@ class IterativeConfig:
                       epochs=self.epochs, batch_size=self.batch_size, precision=self.precision,
                       seed=self.seed + round_, max_prompt_length=self.max_prompt_length,
                       max_length=self.max_prompt_length + self.max_new_tokens + 1,  # + the EOS the data adds
+                      attention=self.attention, trust_remote_code=self.trust_remote_code,
                       progress=self.progress, overwrite=True, save_model=False)
         values.update(self.train_overrides)
         return config.build(values, where="iterate")
@@ -237,6 +260,9 @@ class PPOConfig:
     adam_beta2: float = _h(0.999, 'AdamW beta2')
     max_grad_norm: float = _h(1.0, 'gradient clipping norm, per model (0 = off)')
     precision: str = _h("fp32", HELP, PRECISIONS)
+    attention: str = _h("auto", "attention implementation the models load with (auto: transformers' default)",
+                        ATTENTIONS)
+    trust_remote_code: bool = _h(False, "allow the model repo's own Python code to run (off by default)")
     chunk_size: int = _h(0, 'tokens per chunk of the log-prob head (0 = automatic)')
     packing: bool = _h(True, 'pack [prompt | completion] segments side by side, no padding; off = padded rows')
     token_budget: int = _h(0, 'tokens per packed row (0 = the longest segment of the micro-batch)')
@@ -273,6 +299,7 @@ class PPOConfig:
             (self.lr_schedule in ("constant", "linear", "cosine"),
              f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"),
+            (self.attention in ATTENTIONS, f"attention must be one of {', '.join(ATTENTIONS)}; got {self.attention!r}"),
             (not self.reward_weights or len(self.reward_weights) == len(self.reward),
              f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards"),
             (not self.mini_batch or self.prompts_per_step % self.mini_batch == 0,
