@@ -264,3 +264,26 @@ def test_grpo_runs_on_a_reward_model(run_files, trained_rm, tmp_path, capsys):  
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert len(logged) == 2 and all(math.isfinite(r["reward/mean"]) for r in logged)
     assert any(r["reward/std"] > 0 for r in logged)  # real scores, not a constant
+
+
+def test_rm_spec_renders_chat_when_the_reward_model_trained_on_conversations(tmp_path):
+    """Trained on conversations, the reward model scores (prompt, completion) text through its chat
+    template: the same tokens, so the same scores, as the training pairs had."""
+    from tiny import make_model, make_tokenizer
+
+    tok = make_tokenizer(chat_template=True)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1 ?"}],
+             "chosen": [{"role": "assistant", "content": f"It is {i + 1}."}],
+             "rejected": [{"role": "assistant", "content": "I do not know."}]} for i in range(4)]
+    data = write_rows(tmp_path / "chat.jsonl", rows)
+    cfg = RewardConfig(data=data, output=str(tmp_path / "rm"), max_steps=1, batch_size=4, lr=1e-2, max_length=64,
+                       progress=False)
+    result = train_reward(cfg, model=make_model("llama", seed=0), tokenizer=tok)
+    items = items_of(data, tok)
+    with torch.no_grad():
+        direct = sequence_scores(result.model.eval(), [it.prompt_ids + it.chosen_ids for it in items]).tolist()
+    got = load_reward(f"rm:{tmp_path / 'rm' / 'model'}")([r["prompt"][0]["content"] for r in rows],
+                                                           [r["chosen"][0]["content"] for r in rows])
+    assert got == pytest.approx(direct, abs=1e-5)
+    plain = RewardModelScorer(result.model, tok, {"chat": False, "max_length": 64})
+    assert plain.tokenize(["a"], ["b"]) != load_scorer(str(tmp_path / "rm" / "model")).tokenize(["a"], ["b"])

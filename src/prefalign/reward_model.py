@@ -188,4 +188,6 @@ def load_scorer(path: str, batch_size: int = 16) -> RewardModelScorer:
             model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: could not load it ({str(e).splitlines()[0][:120]})") from None
+    if torch.cuda.is_available():  # beside the policy being trained, not on the host
+        model.to("cuda")
     return RewardModelScorer(model, tokenizer, settings, batch_size, name=f"rm:{path}")

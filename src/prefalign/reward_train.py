@@ -124,6 +124,8 @@ def fingerprint_of(cfg: RewardConfig, model=None, tokenizer=None) -> dict:
 
 
 def _setup(cfg: RewardConfig, model, tokenizer, say) -> _State:
+    if not cfg.data:
+        raise UserError("no training pairs given (--data)")
     fp = fingerprint_of(cfg, model, tokenizer)  # before the score head and LoRA change the model
     if tokenizer is None:
         if model is None and not cfg.tokenizer:
