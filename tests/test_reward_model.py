@@ -58,20 +58,20 @@ def _naive(chosen, rejected, margin, coef):
 @pytest.mark.parametrize("coef,with_margin", [(0.0, False), (0.0, True), (0.05, False), (0.05, True)])
 def test_loss_and_gradient_equal_naive_reference(coef, with_margin):
     g = torch.Generator().manual_seed(3)
-    chosen, rejected = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    chosen, rejected = (torch.randn(7, generator=g, dtype=torch.float64) for _ in range(2))
     margin = torch.rand(7, generator=g, dtype=torch.float64) if with_margin else torch.zeros(7, dtype=torch.float64)
     c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
     loss = bradley_terry(c, r, margin if with_margin else None, coef).losses.mean()
-    assert loss.item() == pytest.approx(_naive(chosen.tolist(), rejected.tolist(), margin.tolist(), coef), abs=1e-6)
+    values = [chosen.tolist(), rejected.tolist()]
+    assert loss.item() == pytest.approx(_naive(*values, margin.tolist(), coef), abs=1e-6)
     loss.backward()
-    eps = 1e-6  # central differences of the naive formula
-    for i in range(7):
-        for t, grad in ((chosen, c.grad), (rejected, r.grad)):
-            up, down = t.clone(), t.clone()
-            up[i] += eps
-            down[i] -= eps
-            args = lambda x: (x.tolist(), rejected.tolist()) if t is chosen else (chosen.tolist(), x.tolist())  # noqa
-            numeric = (_naive(*args(up), margin.tolist(), coef) - _naive(*args(down), margin.tolist(), coef)) / (2 * eps)
+    eps = 1e-6  # central differences of the naive formula, one score at a time
+    for side, grad in ((0, c.grad), (1, r.grad)):
+        for i in range(7):
+            up, down = [list(v) for v in values], [list(v) for v in values]
+            up[side][i] += eps
+            down[side][i] -= eps
+            numeric = (_naive(*up, margin.tolist(), coef) - _naive(*down, margin.tolist(), coef)) / (2 * eps)
             assert grad[i].item() == pytest.approx(numeric, abs=1e-5)
 
 
