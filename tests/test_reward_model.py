@@ -188,7 +188,8 @@ def test_resumed_runs_end_with_the_weights_of_an_uninterrupted_one(run_files, tm
     # A run of 2 steps, continued to 6 (16 pairs of 4: the continuation crosses an epoch boundary).
     split = tmp_path / "split"
     assert main(reward_args(run_files, split, "--max-steps", "2")) == 0
-    assert main(reward_args(run_files, split, "--max-steps", "6", "--resume", "auto")) == 0
+    # The continuation names only the run: its settings come from its config.yaml.
+    assert main(["reward", "--output", str(split), "--resume", "auto", "--max-steps", "6", "--no-progress"]) == 0
     for out in (crashed, split):
         assert_same_weights(model_weights(out), model_weights(whole), atol=0)
         assert [r["step"] for r in metrics(out)] == list(range(1, 7))

@@ -209,10 +209,17 @@ def cmd_demo(args):
 
 def cmd_reward(args):
     from prefalign.online.cli import from_flags
-    from prefalign.reward_config import RewardConfig
+    from prefalign.reward_config import RewardConfig, with_saved_settings
     from prefalign.reward_train import train_reward
+    from prefalign.yamlio import load_mapping
 
     cfg = from_flags(RewardConfig, args, args.config or "")
+    if cfg.resume and cfg.output:
+        # Flags and --config keys win over the saved settings, as they do over the defaults.
+        given = {k for k, v in vars(args).items() if v is not None}
+        if args.config:
+            given |= {k.replace("-", "_") for k in load_mapping(os.path.expanduser(args.config))}
+        cfg = with_saved_settings(cfg, given)
     check_output_dir(cfg.output, "--output")
     with os_errors_name(cfg.output):
         result = train_reward(cfg)

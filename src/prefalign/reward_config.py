@@ -6,6 +6,8 @@ choices, ranges), as it does for grpo's (online/settings.py).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from prefalign.errors import UserError
@@ -30,7 +32,8 @@ class RewardConfig:
     output: str = _h("", "output directory (model, metrics.jsonl, checkpoints)")
     # the objective
     margin_column: str = _h("", "a numeric column of the pairs holding a per-pair margin m: the loss is "
-                            "-log sigmoid(r_c - r_r - m) (empty: no margin)")
+                            "-log sigmoid(r_c - r_r - m); a row without a finite number there stops the run "
+                            "(empty: no margin)")
     center_coef: float = _h(0.0, "centering: adds coef * mean((r_c + r_r)^2), keeping the scores near 0 "
                             "(TRL's center_rewards_coefficient; 0 = off)")
     # optimisation
@@ -62,8 +65,8 @@ class RewardConfig:
     eval_every: int = _h(0, "evaluate on --eval-data every N steps (0 = only at the end)")
     save_every: int = _h(0, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _h(2, "keep the newest K checkpoints")
-    resume: str = _h("", "resume: 'auto' (newest valid checkpoint in OUTPUT) or a checkpoint path; give the "
-                     "run's original flags")
+    resume: str = _h("", "resume: 'auto' (newest valid checkpoint in OUTPUT) or a checkpoint path; the run's "
+                     "settings come from OUTPUT/config.yaml, so --output alone is enough")
     resume_changes: str = _h("refuse", "a resume whose data, model or trajectory settings differ from the "
                              "checkpoint's is refused; allow = apply them", ("refuse", "allow"))
     overwrite: bool = _h(False, "replace an existing run in OUTPUT")
@@ -99,3 +102,16 @@ NOT_TRAJECTORY = frozenset({
     "save_every", "keep_checkpoints", "progress", "save_model", "on_bad_row", "trust_remote_code",
     "batch_size", "grad_accum",
 })
+
+
+def with_saved_settings(cfg: RewardConfig, given: set[str]) -> RewardConfig:
+    """A resume: the run's own settings from OUTPUT/config.yaml for every field not `given` (by a flag
+    or --config), so `--resume auto --output OUT` alone continues the run as it was started."""
+    from prefalign.yamlio import load_mapping
+
+    path = os.path.join(cfg.output, "config.yaml")
+    if not os.path.isfile(path):
+        return cfg
+    per_call = {"resume", "overwrite", "resume_changes"}
+    names = {f.name for f in dataclasses.fields(RewardConfig)} - per_call - given
+    return dataclasses.replace(cfg, **{k: v for k, v in load_mapping(path).items() if k in names})

@@ -70,7 +70,7 @@ def _import_function(spec: str) -> Callable:
     if ":" not in spec:
         raise UserError(
             f"reward function {spec!r}: expected 'module:function', 'path/to/file.py:function' "
-            f"or a built-in ({', '.join(sorted(BUILTINS))}, regex=PATTERN, format=PATTERN)"
+            f"or a built-in ({', '.join(sorted(BUILTINS))}, regex=PATTERN, format=PATTERN, rm:PATH)"
         )
     target, name = spec.rsplit(":", 1)  # rsplit: a Windows path has a drive colon
     if target.endswith(".py") or "/" in target or os.sep in target:
