@@ -136,7 +136,7 @@ def _setup(cfg: RewardConfig, model, tokenizer, say) -> _State:
     rm = reward_model.build(model if model is not None else cfg.model, tokenizer, cfg.seed, cfg.trust_remote_code)
     if cfg.lora_r > 0:
         rm = reward_model.apply_lora(rm, cfg)
-    rm.train()
+    rm.to("cuda" if torch.cuda.is_available() else "cpu").train()
     settings = {"chat": _is_chat(cfg), "max_length": cfg.max_length,
                 "max_prompt_length": prepare.max_prompt_length(_data_view(cfg))}
     return _State(cfg, rm, tokenizer, items, margins, eval_items, eval_margins, stats, settings, fp)
