@@ -117,7 +117,7 @@ def write_jsonl(path, rows):
 def prefalign_order(n_items: int, steps: int, per_step: int, seed: int) -> list[int]:
     """The pairs prefalign consumes in steps 1..steps, in order (its permutation for `seed`)."""
     sys.path.insert(0, os.path.join(ROOT, "src"))
-    from prefalign.train import step_indices
+    from prefalign.schedule import step_indices
 
     if per_step != n_items and steps > n_items // per_step:
         raise ValueError("the TRL order file covers one epoch; use batch = whole dataset or fewer steps")

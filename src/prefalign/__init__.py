@@ -9,13 +9,13 @@ transformers load when one of these is first used, not on `import prefalign`.
 __version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first access (PEP 562).
-_LAZY = {"TrainConfig": "prefalign.config", "RunResult": "prefalign.train", "UserError": "prefalign.errors",
-         "sft": "prefalign.api", "generate": "prefalign.api"}
-# `train` and `evaluate` are also submodules (prefalign/train.py, evaluate.py), and importing a
-# submodule binds its name on the package whatever we bind first. So those two modules are made
-# callable (callable_module below): `prefalign.train(...)` calls prefalign.api.train, and
-# `prefalign.train.train` / `prefalign.evaluate.pair_metrics` keep working for the code that uses them.
-_CALLABLE = ("train", "evaluate")
+_LAZY = {"TrainConfig": "prefalign.config", "RunResult": "prefalign.trainer", "UserError": "prefalign.errors",
+         "train": "prefalign.api", "sft": "prefalign.api", "generate": "prefalign.api"}
+# `evaluate` is also a submodule (prefalign/evaluate.py), and importing a submodule binds its name
+# on the package whatever we bind first. So that module is made callable (callable_module below):
+# `prefalign.evaluate(...)` calls prefalign.api.evaluate, and `prefalign.evaluate.pair_metrics`
+# keeps working for the code that uses it.
+_CALLABLE = ("evaluate",)
 __all__ = ["__version__", *_LAZY, *_CALLABLE]
 
 

@@ -52,7 +52,7 @@ from prefalign.metrics import Console, MetricsLog, peak_memory_mb
 from prefalign.online.generate import SamplingConfig, generate
 from prefalign.online.rewards import CombinedReward, combine, load_reward
 from prefalign.online.settings import GRPOConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
-from prefalign.train import lr_lambda, step_indices
+from prefalign.schedule import lr_lambda, step_indices
 
 
 @dataclass

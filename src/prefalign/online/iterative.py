@@ -10,7 +10,7 @@ Round k (1-based):
   3. Pairs: best vs worst of each group, kept when the reward gap is >= min_gap
      (online.pairs.build_pairs) -> OUTPUT/round-k/pairs.jsonl.
   4. DPO (or any paired loss) on those pairs through the offline trainer
-     (prefalign.train.train, OUTPUT/round-k holds its metrics and plots), starting from the
+     (prefalign.trainer.train, OUTPUT/round-k holds its metrics and plots), starting from the
      current policy.
   5. The reference for the next round: "fixed" keeps the initial policy (the KL is to the
      start, as in offline DPO); "moving" uses the policy at the start of each round, so each
@@ -41,7 +41,7 @@ from prefalign.online.grpo import (
 )
 from prefalign.online.pairs import build_pairs, write_pairs
 from prefalign.online.settings import REFERENCES, IterativeConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
-from prefalign.train import step_indices
+from prefalign.schedule import step_indices
 
 
 @dataclass
@@ -66,7 +66,7 @@ def iterate(cfg: IterativeConfig, *, model=None, tokenizer=None, prompts=None, r
     """Run iterative DPO. prompts / reward / model objects override the config's paths and specs."""
     from prefalign.models import freeze, save_model
     from prefalign.losses import get_loss
-    from prefalign.train import train
+    from prefalign.trainer import train
 
     cfg.validate()
     cfg.precision = hardware.announce(cfg.precision)  # once; each round's DPO gets the concrete value
