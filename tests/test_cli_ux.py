@@ -12,8 +12,9 @@ import pytest
 import torch
 import yaml
 
-from prefalign import __version__, cli, config, fingerprint, schedule, trainer
+from prefalign import __version__, cli, config, fingerprint, trainer
 from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig
+from prefalign.schedule import lr_lambda
 from test_train import assert_same_weights, cfg_for, run_files, weights  # noqa: F401 (run_files: a fixture)
 
 
@@ -222,7 +223,7 @@ def test_trl_flags_are_accepted():
 ])
 def test_warmup_ratio_schedule(schedule, ratio, steps, total, expect):
     cfg = config.build({"lr_schedule": schedule, "warmup_ratio": ratio, "warmup_steps": steps})
-    f = schedule.lr_lambda(cfg, total)
+    f = lr_lambda(cfg, total)
     assert [f(s) for s in range(len(expect))] == pytest.approx(expect)
 
 
