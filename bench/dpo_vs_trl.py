@@ -421,8 +421,8 @@ def _prefalign_tokens(wl):
     res = tokenize_examples(load_examples(wl["data"], kind="paired").examples, tok, 512, 511)
     items = res.items
     print(f"    tokenized: {res.stats}; tokens per pair (P+C+R, after truncation) mean "
-          f"{sum(len(i.prompt_ids) + len(i.chosen_ids) + len(i.rejected_ids) for i in items) / len(items):.0f}")
-    return [len(i.prompt_ids) + len(i.chosen_ids) + len(i.rejected_ids) for i in items]
+          f"{sum(i.num_tokens for i in items) / len(items):.0f}")
+    return [i.num_tokens for i in items]
 
 
 def _save(out, quick):

@@ -134,6 +134,8 @@ class _Run:
     ckpt_root: str
     say: object  # prints a line on rank 0 (see _say)
     start: int = 0  # the first step this invocation runs (> 0 after a resume)
+    resumed_from: str | None = None  # the checkpoint resumed from
+    changes: dict = field(default_factory=dict)  # the settings the resume changed (fingerprint.check)
     trainer_state: dict = field(default_factory=dict)  # the resumed checkpoint's, else empty
     log: MetricsLog | None = None
     mon: monitor.BothDropMonitor | None = None
@@ -231,46 +233,48 @@ def resume(run: _Run) -> bool:
     """--resume: load the newest valid checkpoint into the run (weights, optimizer, schedule,
     trainer state), checking it belongs to this run. True when the run had already finished."""
     cfg, setup = run.cfg, run.setup
-    path, changes = None, {}
-    if cfg.resume:
-        path = checkpoint.find_resume(run.ckpt_root, cfg.resume, warn=run.say)
-        if path is None:
-            rundir.check_nothing_finished(cfg)
-            run.say(f"no valid checkpoint in {run.ckpt_root}; starting from step 0")
-    if path is not None:
-        weights, optim_state, sched_state, state = checkpoint.read(path)
-        checkpoint.check_weights(path, language_model(setup.policy), weights)
-        checkpoint.check_layout(path, optim_state, run.sharded)
-        changes = fingerprint.check(path, state["trainer"].get("fingerprint"), run.run_fp, cfg.resume_changes,
+    if not cfg.resume:
+        return False
+    path = checkpoint.find_resume(run.ckpt_root, cfg.resume, warn=run.say)
+    if path is None:
+        rundir.check_nothing_finished(cfg)
+        run.say(f"no valid checkpoint in {run.ckpt_root}; starting from step 0")
+        return False
+    weights, optim_state, sched_state, state = checkpoint.read(path)
+    checkpoint.check_weights(path, language_model(setup.policy), weights)
+    checkpoint.check_layout(path, optim_state, run.sharded)
+    run.changes = fingerprint.check(path, state["trainer"].get("fingerprint"), run.run_fp, cfg.resume_changes,
                                     run.say)
-        if run.sharded:
-            sharding.load_full(setup.policy, run.opt, weights, optim_state)
-        else:
-            checkpoint.apply(setup.policy, run.opt, weights, optim_state)
-        run.trainer_state = checkpoint.restore(run.sched, sched_state, state)
-        if changes:
-            fingerprint.apply_optimizer_settings(run.opt, run.sched, cfg)
-        run.start = run.trainer_state["step"]
-        setup.loss_state.update(run.trainer_state.get("loss_state", {}))
-        if rundir.nothing_left(run.start, run.total, run.trainer_state.get("finished", False)):
-            run.say(f"{cfg.output}: the run already finished at step {run.start}; nothing to do (to train it "
-                    f"further: --resume auto --max-steps N, N > {run.start})")
-            return True
-        run.say(f"resumed from {path} (step {run.start})")
-    if run.rank0:
-        # Only now, after the new run's data and model loaded without error: a fresh start (--overwrite)
-        # drops the old run's outputs, or a later --resume auto would continue the OLD run.
-        rundir.begin(cfg.output, replace=path is None or os.path.dirname(os.path.realpath(path))
-                     != os.path.realpath(run.ckpt_root))
-        fingerprint.write_config(cfg.output, objective.record_loss_params(to_dict(cfg), setup.spec),
-                                 fingerprint.history(cfg.output) if cfg.resume else [], run.start, changes)
+    if run.sharded:
+        sharding.load_full(setup.policy, run.opt, weights, optim_state)
+    else:
+        checkpoint.apply(setup.policy, run.opt, weights, optim_state)
+    run.trainer_state = checkpoint.restore(run.sched, sched_state, state)
+    if run.changes:
+        fingerprint.apply_optimizer_settings(run.opt, run.sched, cfg)
+    run.start, run.resumed_from = run.trainer_state["step"], path
+    setup.loss_state.update(run.trainer_state.get("loss_state", {}))
+    if rundir.nothing_left(run.start, run.total, run.trainer_state.get("finished", False)):
+        run.say(f"{cfg.output}: the run already finished at step {run.start}; nothing to do (to train it "
+                f"further: --resume auto --max-steps N, N > {run.start})")
+        return True
+    run.say(f"resumed from {path} (step {run.start})")
     return False
 
 
 def begin(run: _Run) -> None:
-    """The metrics log, the both-drop monitor (its step-0 scores), the run summary and the
-    progress bar; the loop's counters from the resumed checkpoint."""
+    """The run starts for real: its directory and config.yaml, the metrics log, the both-drop
+    monitor (its step-0 scores), the run summary and the progress bar; the loop's counters from
+    the resumed checkpoint."""
     cfg, setup, state = run.cfg, run.setup, run.trainer_state
+    if run.rank0:
+        # Only now, after the new run's data and model loaded without error: a fresh start (--overwrite)
+        # drops the old run's outputs, or a later --resume auto would continue the OLD run.
+        path = run.resumed_from
+        rundir.begin(cfg.output, replace=path is None or os.path.dirname(os.path.realpath(path))
+                     != os.path.realpath(run.ckpt_root))
+        fingerprint.write_config(cfg.output, objective.record_loss_params(to_dict(cfg), setup.spec),
+                                 fingerprint.history(cfg.output) if cfg.resume else [], run.start, run.changes)
     run.log = MetricsLog(cfg.output, run.rank0, cfg.tensorboard, resume_step=run.start if cfg.resume else None)
     run.mon = monitor.for_run(setup, cfg, run.total, state.get("monitor"))
     if run.mon is not None and run.mon.start is None:  # step 0: the policy before any update
