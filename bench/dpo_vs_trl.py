@@ -117,7 +117,7 @@ def write_jsonl(path, rows):
 def prefalign_order(n_items: int, steps: int, per_step: int, seed: int) -> list[int]:
     """The pairs prefalign consumes in steps 1..steps, in order (its permutation for `seed`)."""
     sys.path.insert(0, os.path.join(ROOT, "src"))
-    from prefalign.train import step_indices
+    from prefalign.schedule import step_indices
 
     if per_step != n_items and steps > n_items // per_step:
         raise ValueError("the TRL order file covers one epoch; use batch = whole dataset or fewer steps")
@@ -421,8 +421,8 @@ def _prefalign_tokens(wl):
     res = tokenize_examples(load_examples(wl["data"], kind="paired").examples, tok, 512, 511)
     items = res.items
     print(f"    tokenized: {res.stats}; tokens per pair (P+C+R, after truncation) mean "
-          f"{sum(len(i.prompt_ids) + len(i.chosen_ids) + len(i.rejected_ids) for i in items) / len(items):.0f}")
-    return [len(i.prompt_ids) + len(i.chosen_ids) + len(i.rejected_ids) for i in items]
+          f"{sum(i.num_tokens for i in items) / len(items):.0f}")
+    return [i.num_tokens for i in items]
 
 
 def _save(out, quick):

@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-from prefalign import __version__, cli, config, fingerprint, train
+from prefalign import __version__, cli, config, fingerprint, trainer
 from prefalign.experiments.compare_settings import CompareSettings
 from prefalign.online.settings import GRPOConfig, IterativeConfig, PPOConfig
 from prefalign.reward_config import RewardConfig
+from prefalign.schedule import lr_lambda
 from test_train import assert_same_weights, cfg_for, run_files, weights  # noqa: F401 (run_files: a fixture)
 
 
@@ -225,7 +226,7 @@ def test_trl_flags_are_accepted():
 ])
 def test_warmup_ratio_schedule(schedule, ratio, steps, total, expect):
     cfg = config.build({"lr_schedule": schedule, "warmup_ratio": ratio, "warmup_steps": steps})
-    f = train.lr_lambda(cfg, total)
+    f = lr_lambda(cfg, total)
     assert [f(s) for s in range(len(expect))] == pytest.approx(expect)
 
 
@@ -245,8 +246,8 @@ def test_warmup_ratio_range_and_fingerprint(run_files, tmp_path, capsys):  # noq
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_gradient_checkpointing_is_the_same_step(run_files, tmp_path, lora_r):  # noqa: F811
     """The same step-1 loss, gradient norm and weights after one step, checkpointed or not (LoRA too)."""
-    plain = train.train(cfg_for(run_files, tmp_path / "plain", max_steps=1, lora_r=lora_r))
-    ckpt = train.train(cfg_for(run_files, tmp_path / "ckpt", max_steps=1, lora_r=lora_r, gradient_checkpointing=True))
+    plain = trainer.train(cfg_for(run_files, tmp_path / "plain", max_steps=1, lora_r=lora_r))
+    ckpt = trainer.train(cfg_for(run_files, tmp_path / "ckpt", max_steps=1, lora_r=lora_r, gradient_checkpointing=True))
     base = ckpt.policy.get_base_model() if lora_r else ckpt.policy
     on = getattr(base, "is_activation_checkpointing", None)
     assert (on if on is not None else base.is_gradient_checkpointing) and not any(getattr(m, "_prefalign_lean", False) for m in base.modules())

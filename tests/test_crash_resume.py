@@ -23,7 +23,7 @@ from test_train import assert_same_weights, run_files, weights, write_pairs  # n
 from tiny import make_model, make_tokenizer
 
 TIMING = ("pairs_per_s", "tokens_per_s", "peak_memory_mb")
-SLOW_CLI = ("import sys, time; import prefalign.train as t; f = t.micro_step; "
+SLOW_CLI = ("import sys, time; import prefalign.step as t; f = t.micro_step; "
             "t.micro_step = lambda *a, **k: (time.sleep(0.25), f(*a, **k))[1]; "
             "from prefalign.cli import main; sys.exit(main(sys.argv[1:]))")
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from prefalign import train
+from prefalign import trainer
 from prefalign.cli import main
 from test_train import assert_same_weights, cfg_for, run_files, weights  # noqa: F401 (run_files: fixture)
 
@@ -33,7 +33,7 @@ def test_two_processes_equal_one(run_files, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: 3 steps") == 1  # one summary, from rank 0
-    one = train.train(cfg_for(run_files, tmp_path / "one", max_steps=3, batch_size=4,
+    one = trainer.train(cfg_for(run_files, tmp_path / "one", max_steps=3, batch_size=4,
                               reference="copy"))
     assert one.steps == 3
     a, b = metrics(tmp_path / "one"), metrics(two)
@@ -60,7 +60,7 @@ def test_kto_two_processes_equal_one(run_files, tmp_path):
                            "--batch-size", "2", "--num-processes", "2"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train.train(cfg_for(run_files, tmp_path / "one", loss="kto", max_steps=3, batch_size=4, packing=True))
+    trainer.train(cfg_for(run_files, tmp_path / "one", loss="kto", max_steps=3, batch_size=4, packing=True))
     a, b = metrics(tmp_path / "one"), metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
@@ -109,7 +109,7 @@ def test_fsdp_two_processes_equal_one(run_files, tmp_path, packing, route):
         proc = _launch(common, tmp_path / "two", **_ZERO2)
         assert "FSDP (accelerate DeepSpeed ZeRO-2 config, run as its FSDP equivalent)" in proc.stderr
         assert "stay gathered until its backward" in proc.stderr
-    train.train(cfg_for(run_files, tmp_path / "one", max_steps=3, batch_size=4, reference="copy",
+    trainer.train(cfg_for(run_files, tmp_path / "one", max_steps=3, batch_size=4, reference="copy",
                         packing=packing == "--packing", eval_data=run_files["eval"] if route == "flag" else ""))
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     _assert_same_metrics(a, b)
@@ -134,7 +134,7 @@ def test_fsdp_checkpoint_resume(run_files, tmp_path, capsys):
     assert "was written with FSDP; resume it with --sharding fsdp" in capsys.readouterr().err
     proc = _launch([*common, "--max-steps", "4", "--resume", "auto"], out)
     assert "resumed from" in proc.stderr
-    train.train(cfg_for(run_files, tmp_path / "one", loss="kto", max_steps=4, batch_size=4))
+    trainer.train(cfg_for(run_files, tmp_path / "one", loss="kto", max_steps=4, batch_size=4))
     a, b = metrics(tmp_path / "one"), metrics(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     _assert_same_metrics(a, b, keys={"loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen"})

@@ -10,7 +10,6 @@ import pytest
 
 from prefalign import config, metrics, models, prepare
 from prefalign.cli import main
-from prefalign.train import item_tokens
 from test_train import write_pairs
 from tiny import make_model, make_tokenizer
 
@@ -56,7 +55,7 @@ def test_summary_eval_lines_and_reference_progress(files, tmp_path, capsys, monk
     items, stats = prepare.load_items(cfg, make_tokenizer(), files["data"], "paired", None, log=lambda m: None)
     assert len(items) == 16 and stats["skipped"] == 2 and stats["truncated"] > 0
     n_params = sum(p.numel() for p in make_model("llama", seed=0).parameters())
-    tokens = 4 * sum(map(item_tokens, items)) / 16
+    tokens = 4 * sum(len(i.prompt_ids) + len(i.chosen_ids) + len(i.rejected_ids) for i in items) / 16
     assert f"data: 16 rows used, 2 skipped, {stats['truncated']} truncated" in lines
     run = next(line for line in lines if line.startswith("run: "))
     assert run.startswith("run: 4 steps of 4 pairs (batch 4 x accum 1 x 1 processes), "

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from prefalign import checkpoint, config, fingerprint, train
+from prefalign import checkpoint, config, fingerprint, trainer
 from prefalign.cli import main
 from prefalign.errors import UserError
 from test_train import assert_same_weights, cfg_for, run_files, weights, write_pairs  # noqa: F401 (run_files: fixture)
@@ -230,7 +230,7 @@ def test_nonfinite_update_is_never_saved(run_files, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
     out = tmp_path / "o"
     with pytest.raises(UserError) as e:
-        train.train(cfg_for(run_files, out, max_steps=6, save_every=2))
+        trainer.train(cfg_for(run_files, out, max_steps=6, save_every=2))
     msg = str(e.value)
     assert msg.startswith("step 3: the update made the weights non-finite") and "no model written" in msg
     assert "last good checkpoint is kept" in msg
@@ -245,5 +245,5 @@ def test_infinite_weight_decay_through_an_unvalidated_config(run_files, tmp_path
     cfg = cfg_for(run_files, tmp_path / "o", max_steps=3)
     cfg.weight_decay = float("inf")
     with pytest.raises(UserError, match="step 1: the update made the weights non-finite"):
-        train.train(cfg)
+        trainer.train(cfg)
     assert not (tmp_path / "o" / "model").exists()

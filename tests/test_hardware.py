@@ -5,7 +5,7 @@ an emulated bf16, and that a run records and fingerprints the precision it reall
 import pytest
 import yaml
 
-from prefalign import checkpoint, fingerprint, hardware, train
+from prefalign import checkpoint, fingerprint, hardware, trainer
 from prefalign.cli import main
 from prefalign.errors import UserError
 from prefalign.hardware import EMULATED, NATIVE_AMX, NATIVE_ARM, NATIVE_AVX512, NATIVE_GPU, Machine
@@ -90,9 +90,9 @@ def test_auto_on_this_machine_trains_records_and_fingerprints(run_files, tmp_pat
 
 def test_bf16_on_an_emulating_cpu_warns_and_auto_falls_back(run_files, tmp_path, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setattr(hardware, "detect", lambda: AVX2_EPYC)
-    train.train(cfg_for(run_files, tmp_path / "bf16", max_steps=1, precision="bf16"))
+    trainer.train(cfg_for(run_files, tmp_path / "bf16", max_steps=1, precision="bf16"))
     assert WARNING in capsys.readouterr().err.splitlines()
-    result = train.train(cfg_for(run_files, tmp_path / "auto", max_steps=1, precision="auto"))
+    result = trainer.train(cfg_for(run_files, tmp_path / "auto", max_steps=1, precision="auto"))
     err = capsys.readouterr().err
     assert "precision auto -> fp32: bf16 emulated (slow)" in err and "warning: bf16" not in err
     assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["precision"] == "fp32"

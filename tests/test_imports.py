@@ -11,8 +11,8 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(prefalign.__path__, prefi
 
 
 def test_found_the_modules():
-    for name in ("prefalign.losses", "prefalign.logprobs", "prefalign.data.tokenize", "prefalign.train",
-                 "prefalign.online.grpo", "prefalign.demo.run", "prefalign.audit", "prefalign.cli"):
+    for name in ("prefalign.losses", "prefalign.logprobs", "prefalign.data.tokenize", "prefalign.trainer",
+                 "prefalign.step", "prefalign.online.grpo", "prefalign.demo.run", "prefalign.audit", "prefalign.cli"):
         assert name in MODULES
 
 

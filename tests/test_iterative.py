@@ -88,15 +88,15 @@ def test_each_round_writes_its_pairs_and_metrics(tok, tmp_path):
 
 @pytest.mark.parametrize("reference", ["fixed", "moving"])
 def test_reference_fixed_or_moved_to_the_last_rounds_policy(tok, tmp_path, monkeypatch, reference):
-    import prefalign.train
+    import prefalign.trainer
 
-    real_train, seen = prefalign.train.train, []
+    real_train, seen = prefalign.trainer.train, []
 
     def spy(cfg, model=None, tokenizer=None, ref_model=None):
         seen.append((ref_model, {k: v.clone() for k, v in model.state_dict().items()}))
         return real_train(cfg, model=model, tokenizer=tokenizer, ref_model=ref_model)
 
-    monkeypatch.setattr(prefalign.train, "train", spy)
+    monkeypatch.setattr(prefalign.trainer, "train", spy)
     start = tiny(tok)
     initial = {k: v.clone() for k, v in start.state_dict().items()}
     iterate(small_cfg(tmp_path, ref_update=reference), model=start, tokenizer=tok, prompts=PROMPTS,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefalign import config, evaluation, objective, prepare, train
+from prefalign import config, evaluation, objective, prepare, trainer
 from prefalign.cli import main
 from prefalign.errors import UserError
 from prefalign.losses import LOSSES, pairwise
@@ -167,7 +167,7 @@ def test_combination_end_to_end_from_yaml(tmp_path, run_files):  # noqa: F811
     cfg = config.build({**config.load_yaml(str(cfg_file)), **dict(
         model=run_files["model"], data=run_files["data"], output=str(tmp_path / "r"), max_steps=1,
         batch_size=8, max_length=64, progress=False, save_model=False)})
-    rec = train.train(cfg).history[0]
+    rec = trainer.train(cfg).history[0]
     assert rec["loss"] == pytest.approx(3 * LN2 + 0.5 * rec["nll/chosen"], rel=1e-5)
     # config.yaml records every parameter the terms ran with, and reads back as the same loss
     saved = config.load_yaml(str(tmp_path / "r" / "config.yaml"))
@@ -325,7 +325,7 @@ def test_sft_train_loss_at_step_1_equals_eval_loss_before_the_update(run_files, 
 
     s = prepare.build(cfg, device=torch.device("cpu"), model=make_model("llama", seed=0))
     before = evaluation.pair_metrics(s, cfg, prepare.autocast(cfg, torch.device("cpu")), items=s.items)["loss"]
-    rec = train.train(cfg).history[0]
+    rec = trainer.train(cfg).history[0]
     assert rec["loss"] == pytest.approx(before, rel=1e-5)
 
 

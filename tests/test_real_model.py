@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from prefalign import config, gguf, models, prepare, train
+from prefalign import config, gguf, models, prepare, trainer
 from prefalign.cli import main
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "smol_pairs.jsonl")
@@ -98,7 +98,7 @@ def test_chat_template_boundary(smol):
 @real
 @needs_wheel
 def test_dpo_starts_at_ln2_saves_reloads_and_generates(smol, tmp_path):
-    result = train.train(cfg_for(smol, tmp_path / "o", save_model=True))
+    result = trainer.train(cfg_for(smol, tmp_path / "o", save_model=True))
     assert_starts_at_zero(result.history[0], math.log(2))
     assert result.history[-1]["rewards/margins"] != 0  # the weights moved
     reloaded = models.load_model(str(tmp_path / "o" / "model"))
@@ -123,7 +123,7 @@ def test_dpo_starts_at_ln2_saves_reloads_and_generates(smol, tmp_path):
     ("dpo", math.log(2), {"precision": "bf16", "reference": "precomputed", "lora_r": 8}),
 ], ids=["ipo", "kto", "lora", "bf16", "bf16-precomputed-lora"])
 def test_reference_losses_start_at_zero_log_ratio(smol, tmp_path, loss, loss_at_zero, kw):
-    result = train.train(cfg_for(smol, tmp_path / "o", loss=loss, **kw))
+    result = trainer.train(cfg_for(smol, tmp_path / "o", loss=loss, **kw))
     assert_starts_at_zero(result.history[0], loss_at_zero)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in result.history)
 
@@ -133,7 +133,7 @@ def test_reference_losses_start_at_zero_log_ratio(smol, tmp_path, loss, loss_at_
 def test_orpo_trains(smol, tmp_path):
     """No reference: the loss is the chosen NLL plus the odds-ratio term, finite, and it updates."""
     before = models.load_model(smol).state_dict()
-    result = train.train(cfg_for(smol, tmp_path / "o", loss="orpo", lr=1e-5))
+    result = trainer.train(cfg_for(smol, tmp_path / "o", loss="orpo", lr=1e-5))
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in result.history)
     after = result.policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -20,7 +20,7 @@ from test_train import assert_same_weights, run_files, weights  # noqa: F401 (ru
 
 # A real `prefalign train` process, slowed down (a sleep in each micro-step) so that it is still
 # training while the test acts; patched from the command line, not through a hook in the library.
-SLOW_CLI = ("import sys, time; import prefalign.train as t; f = t.micro_step; "
+SLOW_CLI = ("import sys, time; import prefalign.step as t; f = t.micro_step; "
             "t.micro_step = lambda *a, **k: (time.sleep(1.0), f(*a, **k))[1]; "
             "from prefalign.cli import main; sys.exit(main(sys.argv[1:]))")
 # SIGTERM to itself from inside the final model save.

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from prefalign import train
+from prefalign import trainer
 from prefalign.cli import main
 from test_train import cfg_for, run_files  # noqa: F401  (the module fixture)
 
@@ -34,7 +34,7 @@ def assert_at_zero(records, loss):
 def test_first_epoch_at_zero_log_ratio(run_files, tmp_path, precision, strategy, lora_r, loss):  # noqa: F811
     if loss == "kto" and strategy == "precomputed":
         pytest.skip("precomputed supports paired losses only (refused with a UserError)")
-    result = train.train(cfg_for(run_files, tmp_path / "o", precision=precision, reference=strategy,
+    result = trainer.train(cfg_for(run_files, tmp_path / "o", precision=precision, reference=strategy,
                                  lora_r=lora_r, loss=loss, **FROZEN))
     assert_at_zero(result.history, loss)
 
@@ -42,7 +42,7 @@ def test_first_epoch_at_zero_log_ratio(run_files, tmp_path, precision, strategy,
 @pytest.mark.parametrize("loss", ["hinge", "bco_pair", "apo_zero"])
 @pytest.mark.parametrize("strategy,lora_r", [("copy", 0), ("precomputed", 8)])
 def test_other_reference_losses_start_at_zero_in_bf16(run_files, tmp_path, loss, strategy, lora_r):  # noqa: F811
-    result = train.train(cfg_for(run_files, tmp_path / "o", precision="bf16", reference=strategy,
+    result = trainer.train(cfg_for(run_files, tmp_path / "o", precision="bf16", reference=strategy,
                                  lora_r=lora_r, loss=loss, **FROZEN))
     assert_at_zero(result.history, loss)
 

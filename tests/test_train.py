@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefalign import config, logprobs, train
+from prefalign import config, logprobs, trainer
 from prefalign.cli import main
 from prefalign.losses import LOSSES
 from tiny import make_model, make_tokenizer
@@ -63,8 +63,8 @@ def assert_same_weights(a, b, atol=1e-6):
 @pytest.mark.parametrize("packing", [False, True])
 def test_accumulation_invariance(run_files, tmp_path, packing):
     """8 pairs x 1 micro-batch == 2 pairs x 4 micro-batches: same loss, same weights after a step."""
-    a = train.train(cfg_for(run_files, tmp_path / "a", max_steps=1, batch_size=8, grad_accum=1, packing=packing))
-    b = train.train(cfg_for(run_files, tmp_path / "b", max_steps=1, batch_size=2, grad_accum=4, packing=packing))
+    a = trainer.train(cfg_for(run_files, tmp_path / "a", max_steps=1, batch_size=8, grad_accum=1, packing=packing))
+    b = trainer.train(cfg_for(run_files, tmp_path / "b", max_steps=1, batch_size=2, grad_accum=4, packing=packing))
     assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-6)
     assert a.history[0]["rewards/margins"] == pytest.approx(b.history[0]["rewards/margins"], abs=1e-7)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
@@ -72,8 +72,8 @@ def test_accumulation_invariance(run_files, tmp_path, packing):
 
 def test_kto_accumulation_invariance(run_files, tmp_path):
     """KTO's KL reference point is estimated over the whole step, so 8 x 1 == 2 x 4 holds for KTO too."""
-    a = train.train(cfg_for(run_files, tmp_path / "a", loss="kto", max_steps=2, batch_size=8, grad_accum=1))
-    b = train.train(cfg_for(run_files, tmp_path / "b", loss="kto", max_steps=2, batch_size=2, grad_accum=4))
+    a = trainer.train(cfg_for(run_files, tmp_path / "a", loss="kto", max_steps=2, batch_size=8, grad_accum=1))
+    b = trainer.train(cfg_for(run_files, tmp_path / "b", loss="kto", max_steps=2, batch_size=2, grad_accum=4))
     for x, y in zip(a.history, b.history):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
         assert x["kl"] == pytest.approx(y["kl"], abs=1e-6)
@@ -85,7 +85,7 @@ def test_kto_accumulation_invariance(run_files, tmp_path):
 
 def test_step1_is_before_the_first_update(run_files, tmp_path):
     """Step 1 logs the first batch's forward before any update: policy == reference, so rewards are 0."""
-    r = train.train(cfg_for(run_files, tmp_path / "o", max_steps=2))
+    r = trainer.train(cfg_for(run_files, tmp_path / "o", max_steps=2))
     first = r.history[0]
     assert first["step"] == 1
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5)
@@ -100,8 +100,8 @@ def test_step1_is_before_the_first_update(run_files, tmp_path):
 
 
 def test_resume_equals_uninterrupted(run_files, tmp_path):
-    full = train.train(cfg_for(run_files, tmp_path / "full", max_steps=6, save_every=3))
-    part = train.train(cfg_for(run_files, tmp_path / "part", max_steps=6, save_every=3))
+    full = trainer.train(cfg_for(run_files, tmp_path / "full", max_steps=6, save_every=3))
+    part = trainer.train(cfg_for(run_files, tmp_path / "part", max_steps=6, save_every=3))
     # Simulate a crash after step 3: drop everything past the step-3 checkpoint, then resume.
     ckpts = sorted(os.listdir(tmp_path / "part" / "checkpoints"))
     assert ckpts == ["step-000003", "step-000006"]
@@ -109,7 +109,7 @@ def test_resume_equals_uninterrupted(run_files, tmp_path):
 
     shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-000006")
     shutil.rmtree(tmp_path / "part" / "model")
-    resumed = train.train(cfg_for(run_files, tmp_path / "part", max_steps=6, save_every=3, resume="auto"))
+    resumed = trainer.train(cfg_for(run_files, tmp_path / "part", max_steps=6, save_every=3, resume="auto"))
     assert [r["step"] for r in resumed.history] == [4, 5, 6]
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"), atol=0)
     steps = [json.loads(x)["step"] for x in open(tmp_path / "part" / "metrics.jsonl")]
@@ -119,7 +119,7 @@ def test_resume_equals_uninterrupted(run_files, tmp_path):
 
 def test_lora_trains_only_adapters_and_adapters_off_is_the_base(run_files, tmp_path):
     base = make_model("llama", seed=0)
-    r = train.train(cfg_for(run_files, tmp_path / "lora", lora_r=4, max_steps=2, lr=1e-2))
+    r = trainer.train(cfg_for(run_files, tmp_path / "lora", lora_r=4, max_steps=2, lr=1e-2))
     policy = r.policy
     assert r.history[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # adapters-off reference == start
     for name, p in policy.named_parameters():
@@ -140,8 +140,8 @@ def test_lora_trains_only_adapters_and_adapters_off_is_the_base(run_files, tmp_p
 
 
 def test_precomputed_reference_equals_live(run_files, tmp_path):
-    live = train.train(cfg_for(run_files, tmp_path / "live", max_steps=3, reference="copy"))
-    pre = train.train(cfg_for(run_files, tmp_path / "pre", max_steps=3, reference="precomputed"))
+    live = trainer.train(cfg_for(run_files, tmp_path / "live", max_steps=3, reference="copy"))
+    pre = trainer.train(cfg_for(run_files, tmp_path / "pre", max_steps=3, reference="precomputed"))
     for a, b in zip(live.history, pre.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
@@ -150,8 +150,8 @@ def test_precomputed_reference_equals_live(run_files, tmp_path):
 
 def test_packed_step_equals_padded_step(run_files, tmp_path):
     """Prefix-shared packing changes the layout, not the math: same loss and weights after 2 steps."""
-    a = train.train(cfg_for(run_files, tmp_path / "pad", max_steps=2, packing=False))
-    b = train.train(cfg_for(run_files, tmp_path / "pack", max_steps=2, packing=True, token_budget=96))
+    a = trainer.train(cfg_for(run_files, tmp_path / "pad", max_steps=2, packing=False))
+    b = trainer.train(cfg_for(run_files, tmp_path / "pack", max_steps=2, packing=True, token_budget=96))
     for x, y in zip(a.history, b.history):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["logps/chosen"] == pytest.approx(y["logps/chosen"], rel=1e-5)
@@ -161,7 +161,7 @@ def test_packed_step_equals_padded_step(run_files, tmp_path):
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains(run_files, tmp_path, loss):
     # packing on: KTO's unpaired rows and the pairs both go through the packed path
-    r = train.train(cfg_for(run_files, tmp_path / loss, loss=loss, max_steps=2, batch_size=4, save_model=False,
+    r = trainer.train(cfg_for(run_files, tmp_path / loss, loss=loss, max_steps=2, batch_size=4, save_model=False,
                             packing=True))
     assert len(r.history) == 2
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r.history)
@@ -170,7 +170,7 @@ def test_every_loss_trains(run_files, tmp_path, loss):
 
 
 def test_sft_loop_lowers_nll(run_files, tmp_path):
-    r = train.train(cfg_for(run_files, tmp_path / "sft", loss="sft", reference="auto", max_steps=8, lr=3e-3))
+    r = trainer.train(cfg_for(run_files, tmp_path / "sft", loss="sft", reference="auto", max_steps=8, lr=3e-3))
     assert r.history[-1]["loss"] < r.history[0]["loss"]
 
 
@@ -205,7 +205,7 @@ def test_cli_trains_and_the_model_reloads(run_files, tmp_path, capsys):
 def test_merged_lora_weights_reload_and_match_the_adapter(run_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    r = train.train(cfg_for(run_files, tmp_path / "m", lora_r=4, max_steps=2, lr=1e-2, merge_lora=True))
+    r = trainer.train(cfg_for(run_files, tmp_path / "m", lora_r=4, max_steps=2, lr=1e-2, merge_lora=True))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "merged")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     labels = torch.tensor([[-100, -100, 7, 8, 9, 10]])
@@ -235,8 +235,8 @@ def test_eval_command_reports_held_out_metrics(run_files, tmp_path, capsys):
 
 def test_bf16_autocast_tracks_fp32(run_files, tmp_path):
     """bf16 autocast: fp32 master weights, fp32 log-prob sums, step-1 figures within bf16 error of fp32."""
-    a = train.train(cfg_for(run_files, tmp_path / "fp32", max_steps=2, packing=True))
-    b = train.train(cfg_for(run_files, tmp_path / "bf16", max_steps=2, packing=True, precision="bf16"))
+    a = trainer.train(cfg_for(run_files, tmp_path / "fp32", max_steps=2, packing=True))
+    b = trainer.train(cfg_for(run_files, tmp_path / "bf16", max_steps=2, packing=True, precision="bf16"))
     assert all(p.dtype == torch.float32 for p in b.policy.parameters())
     assert b.history[0]["logps/chosen"] == pytest.approx(a.history[0]["logps/chosen"], rel=2e-2)
     assert b.history[0]["logps/chosen"] != a.history[0]["logps/chosen"]  # autocast really ran in bf16
@@ -246,7 +246,7 @@ def test_bf16_autocast_tracks_fp32(run_files, tmp_path):
 def test_tensorboard_logs_the_same_scalars(run_files, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    r = train.train(cfg_for(run_files, tmp_path / "tb", max_steps=3, tensorboard=True, save_model=False))
+    r = trainer.train(cfg_for(run_files, tmp_path / "tb", max_steps=3, tensorboard=True, save_model=False))
     events = EventAccumulator(str(tmp_path / "tb" / "tb"))
     events.Reload()
     losses = [e.value for e in events.Scalars("loss")]

@@ -84,7 +84,7 @@ def sft(cfg: TrainConfig | None = None, *, model=None, tokenizer=None, data=None
 
 
 def _run(cfg, base, model, tokenizer, data, ref_model, fields):
-    from prefalign import train as trainer
+    from prefalign import trainer
 
     if data is not None:
         fields["data"] = data

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 
 import torch
@@ -21,10 +20,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from prefalign.errors import UserError, os_error_from
-from prefalign.rundir import follow_umask
+from prefalign.rundir import follow_umask, list_checkpoints  # noqa: F401  (list_checkpoints: also this module's API)
 
 MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _digest(path: str) -> str:
@@ -102,14 +100,6 @@ def _write(tmp: str, step: int, weights, optim_state, scheduler, trainer_state) 
         fh.flush()
         os.fsync(fh.fileno())
     follow_umask(tmp)
-
-
-def list_checkpoints(root: str) -> list[str]:
-    """Checkpoint directories under root, oldest first (temporary ones excluded)."""
-    if not os.path.isdir(root):
-        return []
-    found = [(int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d))]
-    return [os.path.join(root, d) for _, d in sorted(found)]
 
 
 FILES = ("weights.safetensors", "optim.pt", "state.json")

@@ -140,7 +140,7 @@ def _leave_process_group() -> None:
 
 
 def cmd_train(args, base=None):
-    from prefalign import config, train
+    from prefalign import config, trainer
 
     if args.num_processes < 1:
         raise UserError(f"--num-processes must be >= 1; got {args.num_processes}")
@@ -150,7 +150,7 @@ def cmd_train(args, base=None):
         return relaunch(args.argv, args.num_processes)
     try:
         with os_errors_name(cfg.output):
-            result = train.train(cfg)
+            result = trainer.train(cfg)
     finally:
         _leave_process_group()
     if result.already_finished:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,8 +265,6 @@ def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig
     sources: dict = {}
     saved: dict = {}
     if getattr(args, "resume", None) and getattr(args, "output", None):
-        from prefalign.fingerprint import saved_config
-
         saved = saved_config(validation.expand(args.output))
         values.update(saved)  # the run's own settings; flags still win
     config_path = validation.expand(getattr(args, "config", None))
@@ -290,6 +289,18 @@ def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig
             if key not in sources:
                 values.pop(key, None)
     return build(values, where=config_path or "flags", sources=sources)
+
+
+def saved_config(output: str) -> dict:
+    """OUTPUT/config.yaml's config keys, for `--resume auto` without the original flags. The
+    history and the per-invocation keys (resume, overwrite, resume_changes) are not reused;
+    keys this version does not know are left out."""
+    path = os.path.join(os.path.expanduser(output), "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    values = load_yaml(path)
+    skip = {"history", "resume", "overwrite", "resume_changes"}
+    return {k: v for k, v in values.items() if k in FIELDS and k not in skip}
 
 
 def to_dict(cfg: TrainConfig) -> dict:

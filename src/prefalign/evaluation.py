@@ -14,50 +14,45 @@ import os
 import torch
 
 from prefalign import objective, prepare
+from prefalign.step import logp_kw, loss_denominator, micro_step, normalise
 
 
 @torch.no_grad()
-def pair_metrics(s: prepare.Setup, cfg, ac, items=None, batch_size: int | None = None) -> dict:
-    """Loss, reward accuracy/margins and log-probs of `items` (default: the eval items)."""
-    from prefalign.train import _normalise, micro_step
-
-    items = s.eval_items if items is None else items
+def pair_metrics(setup: prepare.Setup, cfg, autocast_ctx, items=None, batch_size: int | None = None) -> dict:
+    """Loss, reward accuracy/margins and log-probs of `items` (default: the eval items), through
+    training's micro-step and normalised as training normalises."""
+    items = setup.eval_items if items is None else items
     bs = batch_size or cfg.batch_size
-    was_training = s.policy.training
-    s.policy.eval()
+    was_training = setup.policy.training
+    setup.policy.eval()
     sums: dict = {}
     loss_total = 0.0
     for i in range(0, len(items), bs):
-        loss, m = micro_step(s, cfg, items[i:i + bs], ac)
+        loss, m = micro_step(setup, cfg, items[i:i + bs], autocast_ctx)
         loss_total += float(loss)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    s.policy.train(was_training)
-    kto = s.spec is not None and s.spec.kind == "unpaired"
-    out = _normalise(sums, len(items), kto)
-    if s.spec is None:
-        out["loss"] = loss_total / max(1, objective.scored_tokens(items))  # as training divides
-    else:
-        out["loss"] = loss_total / len(items)
+    setup.policy.train(was_training)
+    out = normalise(sums, len(items), kto=setup.spec is not None and setup.spec.kind == "unpaired")
+    out["loss"] = loss_total / max(1, loss_denominator(setup, items))
     return out
 
 
 @torch.no_grad()
-def policy_pair_logps(s: prepare.Setup, cfg, ac, items, batch_size: int | None = None) -> objective.PairLogps:
+def policy_pair_logps(setup: prepare.Setup, cfg, autocast_ctx, items, batch_size: int | None = None
+                      ) -> objective.PairLogps:
     """Each pair's summed chosen/rejected log-probs and token counts under the policy (eval
     mode, no gradient), on the CPU: per-pair scores for statistics over a fixed set."""
-    from prefalign.train import _logp_kw
-
     bs = batch_size or cfg.batch_size
-    was_training = s.policy.training
-    s.policy.eval()
+    was_training = setup.policy.training
+    setup.policy.eval()
     try:
         parts = []
         for i in range(0, len(items), bs):
-            with ac():
-                parts.append(objective.pair_logps(s.policy, items[i:i + bs], **_logp_kw(s, cfg)))
+            with autocast_ctx():
+                parts.append(objective.pair_logps(setup.policy, items[i:i + bs], **logp_kw(setup, cfg)))
     finally:
-        s.policy.train(was_training)
+        setup.policy.train(was_training)
     return objective.PairLogps(*(torch.cat([getattr(p, f).float().cpu() for p in parts])
                                  for f in objective.PairLogps._fields))
 
@@ -165,16 +160,16 @@ def run_eval(args, *, model=None, tokenizer=None, ref_model=None) -> dict:
                         "beta": args.beta, "reference": "copy", "batch_size": args.batch_size,
                         "max_length": args.max_length, "progress": False}, where="eval")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s = prepare.build(cfg, device=device, model=model, tokenizer=tokenizer, ref_model=ref_model)
-    ac = prepare.autocast(cfg, device)
-    out = pair_metrics(s, cfg, ac, items=s.items)
-    results = {"examples" if unpaired else "pairs": len(s.items),
+    setup = prepare.build(cfg, device=device, model=model, tokenizer=tokenizer, ref_model=ref_model)
+    out = pair_metrics(setup, cfg, prepare.autocast(cfg, device), items=setup.items)
+    results = {"examples" if unpaired else "pairs": len(setup.items),
                **{k: v for k, v in out.items() if not k.startswith("nll")}}
     if unpaired:
         results["rewards/accuracies"] = results.pop("accuracy/reward_sign")
     if args.samples:
-        prompts = [it.prompt_ids for it in s.items[:args.samples]]
-        results.update(sampled_kl(s.policy, s.reference, s.tokenizer, prompts, max_new_tokens=args.max_new_tokens))
+        prompts = [it.prompt_ids for it in setup.items[:args.samples]]
+        results.update(sampled_kl(setup.policy, setup.reference, setup.tokenizer, prompts,
+                                  max_new_tokens=args.max_new_tokens))
     if not getattr(args, "quiet", False):
         report.print_table([{"metric": k, "value": v} for k, v in results.items()], title=f"eval {args.model}")
     if getattr(args, "json", None):

@@ -204,17 +204,3 @@ def write_config(output: str, values: dict, past: list, step: int, changes: dict
     with open(tmp, "w", encoding="utf-8") as fh:
         yaml.safe_dump(doc, fh, sort_keys=False)
     os.replace(tmp, os.path.join(output, "config.yaml"))
-
-
-def saved_config(output: str) -> dict:
-    """OUTPUT/config.yaml's config keys, for `--resume auto` without the original flags. The
-    history and the per-invocation keys (resume, overwrite, resume_changes) are not reused;
-    keys this version does not know are left out."""
-    from prefalign.config import load_yaml
-
-    path = os.path.join(os.path.expanduser(output), "config.yaml")
-    if not os.path.isfile(path):
-        return {}
-    values = load_yaml(path)
-    skip = {"history", "resume", "overwrite", "resume_changes"}
-    return {k: v for k, v in values.items() if k in FIELDS and k not in skip}

@@ -78,7 +78,7 @@ def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype
         return gguf.load_model(path, dtype=dtype, attention=attention)
     src = sources.resolve_model_source(path)  # a LoRA adapter or a checkpoint: its base, then its weights
     if src.kind != "plain":
-        return sources.load(src, lambda base: load_model(base, trust_remote_code=trust_remote_code, dtype=dtype,
+        return _load_folder(src, lambda base: load_model(base, trust_remote_code=trust_remote_code, dtype=dtype,
                                                          attention=attention), qlora=qlora)
     _check_source(path, "model")
     # Loading info + no exception on size mismatches: prefalign itself refuses missing or
@@ -104,6 +104,55 @@ def load_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype
         raise UserError(f"could not load a model from {path}: {first}") from None
     check_loading_info(path, info)
     return model
+
+
+def _load_folder(src: sources.Source, load_base, qlora: bool = False):
+    """The model of an adapter or checkpoint folder (see prefalign.sources), merged into a plain
+    model. `load_base(path)`: loads a plain model (load_model with the caller's settings)."""
+    if qlora:
+        raise UserError(f"{src.path}: --qlora needs a plain model folder; this is a LoRA {src.kind} "
+                        f"(merge it first: prefalign train --merge-lora, or load it without --qlora)")
+    base = load_base(src.base)
+    if src.kind == "adapter":
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(base, src.path).merge_and_unload()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{src.path}: could not apply the LoRA adapter to {src.base}: "
+                            f"{str(e).splitlines()[0][:200]}") from None
+    else:
+        model = _apply_checkpoint(src, base)
+    for p in model.parameters():  # peft froze the base: a loaded model is trainable, as from_pretrained's is
+        p.requires_grad_(True)
+    return model
+
+
+def _apply_checkpoint(src: sources.Source, base):
+    from safetensors.torch import load_file
+
+    cfg = sources.run_config(src.path)
+    model = base
+    if int(cfg.get("lora_r") or 0) > 0:
+        model = apply_lora(base, int(cfg["lora_r"]), float(cfg.get("lora_alpha", 16.0)), 0.0,
+                           str(cfg.get("lora_target_modules", "all-linear")))
+    try:
+        weights = load_file(os.path.join(src.path, sources.CHECKPOINT_WEIGHTS))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise UserError(f"checkpoint {src.path}: {sources.CHECKPOINT_WEIGHTS} is damaged ({e})") from None
+    # A full-fine-tuning checkpoint holds every weight; a LoRA one the adapters.
+    own = dict(model.named_parameters())
+    lora = is_peft(model)
+    missing = [n for n in own if n not in weights and (not lora or "lora_" in n)]
+    wrong = [n for n in weights if n not in own or tuple(own[n].shape) != tuple(weights[n].shape)]
+    if missing or wrong:
+        name = (wrong or missing)[0]
+        raise UserError(f"checkpoint {src.path} does not match its base model {src.base} "
+                        f"({'differs in' if wrong else 'lacks'} {name})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            own[name].copy_(tensor)
+    return model.merge_and_unload() if lora else model
 
 
 def check_loading_info(path: str, info: dict) -> None:

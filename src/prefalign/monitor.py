@@ -99,20 +99,20 @@ class BothDropMonitor:
                 f"{record['monitor/margin_growth']:.3f} nats; the loss is pushing both responses down")
 
 
-def for_run(s, cfg, total: int, state: dict | None) -> BothDropMonitor | None:
+def for_run(setup, cfg, total: int, state: dict | None) -> BothDropMonitor | None:
     """The run's monitor, or None: off (monitor_every 0, or no scoring before the run ends) and
     for losses without pairs (SFT, KTO), where there is no chosen/rejected margin to watch."""
-    if not cfg.monitor_every or cfg.monitor_every > total or s.spec is None or s.spec.kind != "paired":
+    if not cfg.monitor_every or cfg.monitor_every > total or setup.spec is None or setup.spec.kind != "paired":
         return None
-    items, source = pick(s.items, s.eval_items, cfg.monitor_pairs, cfg.seed)
+    items, source = pick(setup.items, setup.eval_items, cfg.monitor_pairs, cfg.seed)
     return BothDropMonitor(items, source, cfg.both_drop_threshold, cfg.monitor_every, state)
 
 
-def score(s, cfg, ac, items) -> dict[str, list[float]]:
+def score(setup, cfg, autocast_ctx, items) -> dict[str, list[float]]:
     """The policy's per-pair scores on the monitor set, through the evaluation path."""
     from prefalign.evaluation import policy_pair_logps
 
-    return per_pair(policy_pair_logps(s, cfg, ac, items))
+    return per_pair(policy_pair_logps(setup, cfg, autocast_ctx, items))
 
 
 def row_ids(items: list) -> list[str]:

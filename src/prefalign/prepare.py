@@ -22,6 +22,7 @@ from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
 from prefalign.metrics import Phase
 from prefalign.objective import LossPlan, loss_plan
+from prefalign.schedule import step_indices
 
 
 def loss_spec(cfg: TrainConfig) -> LossPlan | None:
@@ -108,8 +109,6 @@ def reference_batches(cfg: TrainConfig, n_train: int, n_eval: int, rank: int, wo
     as the training loop will cut them (so step-1 log-ratios are exactly 0), then the pairs the
     first epoch drops (the remainder of n_train / step size), then evaluation's batches.
     Indices >= n_train are eval items."""
-    from prefalign.train import step_indices  # train imports this module
-
     bs, per_step = cfg.batch_size, cfg.batch_size * cfg.grad_accum * world
     mine, seen = [], set()
     for step in range(n_train // per_step):

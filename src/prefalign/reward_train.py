@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefalign import checkpoint, fingerprint, models, prepare, reward_model, rundir
+from prefalign import checkpoint, fingerprint, models, prepare, reward_model, rundir, signals
 from prefalign.config import TrainConfig
 from prefalign.data.formats import load_examples, place, read_records
 from prefalign.errors import UserError
 from prefalign.losses.reward import bradley_terry
 from prefalign.metrics import Console, MetricsLog, progress_info, run_summary
 from prefalign.reward_config import NOT_TRAJECTORY, RewardConfig
-from prefalign.train import _signal_handlers_kept, _Stop, lr_lambda, step_indices, total_steps
+from prefalign.schedule import lr_lambda, step_indices, total_steps
 
 EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
 
@@ -195,7 +195,7 @@ def evaluate(st: _State, items=None, margins=None) -> dict:
 def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RewardRun:
     """Run `prefalign reward`. `model` (a causal LM) / `tokenizer` objects may replace cfg's paths.
     Holds the output directory (rundir.claim: locked, checked) from before loading to the end."""
-    with rundir.claim(cfg), _signal_handlers_kept():
+    with rundir.claim(cfg), signals.handlers_restored():
         return _run(cfg, model, tokenizer)
 
 
@@ -268,33 +268,33 @@ def _loop(st: _State, opt, sched, params, start: int, total: int, log: MetricsLo
     per_step = cfg.batch_size * cfg.grad_accum
     console = Console(total, cfg.progress, start, label="reward", messages=True)
     history, stopped, done = [], "", start
-    with _Stop() as stop:
-        for step in range(start, total):
-            done = step + 1
-            record, grad_norm = _step(st, step_indices(len(st.items), step, per_step, cfg.seed), params)
-            if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
-                stopped = "a non-finite loss or gradient"
-                opt.zero_grad(set_to_none=True)
-                break
-            opt.step()
+    stop = signals.StopRequest()
+    for step in range(start, total):
+        done = step + 1
+        record, grad_norm = _step(st, step_indices(len(st.items), step, per_step, cfg.seed), params)
+        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+            stopped = "a non-finite loss or gradient"
             opt.zero_grad(set_to_none=True)
-            sched.step()
-            record.update({"step": done, "epoch": done * per_step / len(st.items), "lr": sched.get_last_lr()[0],
-                           "grad_norm": grad_norm})
-            if st.eval_items and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-                held_out = evaluate(st)
-                record.update({f"eval/{k}": v for k, v in held_out.items()})
-                console.say(f"eval at step {done}: {progress_info(held_out, EVAL_KEYS)}")
-            if done % cfg.log_every == 0 or done == total:
-                log.write(record)
-                history.append(record)
-                console.update(done, record)
-            if stop.signum:
-                stopped = f"signal {signal.Signals(stop.signum).name}"
-            if stopped or (cfg.save_every and done % cfg.save_every == 0 and done < total):
-                _save_checkpoint(st, opt, sched, done)
-            if stopped:
-                break
+            break
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        record.update({"step": done, "epoch": done * per_step / len(st.items), "lr": sched.get_last_lr()[0],
+                       "grad_norm": grad_norm})
+        if st.eval_items and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+            held_out = evaluate(st)
+            record.update({f"eval/{k}": v for k, v in held_out.items()})
+            console.say(f"eval at step {done}: {progress_info(held_out, EVAL_KEYS)}")
+        if done % cfg.log_every == 0 or done == total:
+            log.write(record)
+            history.append(record)
+            console.update(done, record)
+        if stop.signum:
+            stopped = f"signal {signal.Signals(stop.signum).name}"
+        if stopped or (cfg.save_every and done % cfg.save_every == 0 and done < total):
+            _save_checkpoint(st, opt, sched, done)
+        if stopped:
+            break
     console.close()
     return history, stopped, done
 

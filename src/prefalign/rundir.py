@@ -20,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 
 from prefalign.errors import UserError, os_error_line
@@ -33,6 +34,7 @@ STAGED = ".new"  # a rejects file while its run has not started for real
 # Harmless in a directory about to be used: ours (the lock, a failed start's rejects) or a content-keyed cache.
 NEUTRAL = (LOCK, "ref_cache", *(r + STAGED for r in REJECTS))
 FINISHED_MARKS = ("model", "merged", "plots")  # written only at the end of a run
+_STEP_DIR = re.compile(r"^step-(\d+)$")  # a checkpoint's directory (checkpoint.save writes them)
 
 
 def staged(output: str, name: str) -> str:
@@ -46,12 +48,18 @@ def published(path: str) -> str:
     return path[: -len(STAGED)] if path and path.endswith(STAGED) else path
 
 
+def list_checkpoints(root: str) -> list[str]:
+    """Checkpoint directories (step-N) under root, oldest first (temporary ones excluded)."""
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d))]
+    return [os.path.join(root, d) for _, d in sorted(found)]
+
+
 def latest_checkpoint(output: str) -> tuple[int, bool] | None:
     """(step, finished) of the newest checkpoint directory, read without validating it: enough to
     say what a directory holds, never used to resume."""
-    from prefalign import checkpoint  # it imports this module
-
-    found = checkpoint.list_checkpoints(os.path.join(output, "checkpoints"))
+    found = list_checkpoints(os.path.join(output, "checkpoints"))
     if not found:
         return None
     try:

@@ -7,7 +7,7 @@
   run's base model (OUTPUT/config.yaml's `model`) with the checkpoint's weights copied in; for a
   LoRA run, the adapters rebuilt with the run's LoRA settings, loaded and merged.
 
-Either way the result is a plain model, so eval, generate, audit and train (`--model`) treat it
+Either way the result is a plain model (models.load_model loads it), so eval, generate, audit and train (`--model`) treat it
 as any other. With transformers alone: an adapter loads with
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)`; a
 full-fine-tuning checkpoint with `model.load_state_dict(safetensors.torch.load_file(
@@ -95,28 +95,6 @@ def tokenizer_source(path: str) -> str:
     return src.tokenizer if src.kind != "plain" else path
 
 
-def load(src: Source, load_base, qlora: bool = False):
-    """The model of an adapter or checkpoint folder, merged into a plain model.
-    `load_base(path)`: loads a plain model (models.load_model with the caller's settings)."""
-    if qlora:
-        raise UserError(f"{src.path}: --qlora needs a plain model folder; this is a LoRA {src.kind} "
-                        f"(merge it first: prefalign train --merge-lora, or load it without --qlora)")
-    base = load_base(src.base)
-    if src.kind == "adapter":
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(base, src.path).merge_and_unload()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"{src.path}: could not apply the LoRA adapter to {src.base}: "
-                            f"{str(e).splitlines()[0][:200]}") from None
-    else:
-        model = _apply_checkpoint(src, base)
-    for p in model.parameters():  # peft froze the base: a loaded model is trainable, as from_pretrained's is
-        p.requires_grad_(True)
-    return model
-
-
 def _locate(name: str, folder: str) -> str:
     """A relative base path is looked up from the current directory, then from each folder above
     the model folder (a run started as `--model base --output run` records `base`, relative to
@@ -130,36 +108,6 @@ def _locate(name: str, folder: str) -> str:
             return os.path.join(above, base)
         above = os.path.dirname(above)
     return name  # a hub id
-
-
-def _apply_checkpoint(src: Source, base):
-    import torch
-    from safetensors.torch import load_file
-
-    from prefalign import models
-
-    cfg = run_config(src.path)
-    model = base
-    if int(cfg.get("lora_r") or 0) > 0:
-        model = models.apply_lora(base, int(cfg["lora_r"]), float(cfg.get("lora_alpha", 16.0)), 0.0,
-                                  str(cfg.get("lora_target_modules", "all-linear")))
-    try:
-        weights = load_file(os.path.join(src.path, CHECKPOINT_WEIGHTS))
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise UserError(f"checkpoint {src.path}: {CHECKPOINT_WEIGHTS} is damaged ({e})") from None
-    # A full-fine-tuning checkpoint holds every weight; a LoRA one the adapters.
-    own = dict(model.named_parameters())
-    lora = models.is_peft(model)
-    missing = [n for n in own if n not in weights and (not lora or "lora_" in n)]
-    wrong = [n for n in weights if n not in own or tuple(own[n].shape) != tuple(weights[n].shape)]
-    if missing or wrong:
-        name = (wrong or missing)[0]
-        raise UserError(f"checkpoint {src.path} does not match its base model {src.base} "
-                        f"({'differs in' if wrong else 'lacks'} {name})")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            own[name].copy_(tensor)
-    return model.merge_and_unload() if lora else model
 
 
 def absolute_base(adapter_dir: str) -> None:

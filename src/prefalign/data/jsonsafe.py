@@ -14,6 +14,12 @@ MAX_DEPTH = 100  # nesting levels a row may have; real rows have a handful, a ho
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def type_name(value) -> str:
+    """A JSON value's type as a message names it: "an object", "a list", "null"..."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
 def json_text(value) -> str:
     """value as one line of JSON that a UTF-8 file can hold: non-ASCII text stays readable, but a lone
     surrogate is written as its \\uXXXX escape (json.loads reads it back as it was)."""

@@ -9,13 +9,14 @@
         with an empty prompt. Every token is trained on except the first, which has nothing before
         it to be predicted from, unless the tokenizer adds a BOS token (then the prompt is that BOS).
 
-prompt/completion rows (text or conversations) are read by data.formats as before.
+prompt/completion rows (text or conversations) are read as data.rows reads unpaired rows.
 """
 
 from __future__ import annotations
 
-from prefalign.data import formats
-from prefalign.data.formats import BadRow, Record, UnpairedExample
+from prefalign.data.jsonsafe import type_name
+from prefalign.data.records import Record
+from prefalign.data.rows import BadRow, UnpairedExample, check_messages, unpaired_example
 
 
 def example(data: dict, rec: Record) -> UnpairedExample:
@@ -24,13 +25,13 @@ def example(data: dict, rec: Record) -> UnpairedExample:
         return _conversation(data["messages"], rec)
     if "text" in data and "prompt" not in data and "completion" not in data:
         return _text(data["text"], rec)
-    return formats._unpaired(data, rec, label_required=False)
+    return unpaired_example(data, rec, label_required=False)
 
 
 def _conversation(value, rec: Record) -> UnpairedExample:
     if not isinstance(value, list):
-        raise BadRow("messages", f"expected a list of {{role, content}} messages, got {formats._type_name(value)}")
-    messages = formats._messages(value, "messages")
+        raise BadRow("messages", f"expected a list of {{role, content}} messages, got {type_name(value)}")
+    messages = check_messages(value, "messages")
     if messages[-1]["role"] != "assistant":
         raise BadRow(f"messages[{len(messages) - 1}].role",
                      f"the last message is the {messages[-1]['role']}'s; SFT trains on a final assistant message")
@@ -41,7 +42,7 @@ def _conversation(value, rec: Record) -> UnpairedExample:
 
 def _text(value, rec: Record) -> UnpairedExample:
     if not isinstance(value, str):
-        raise BadRow("text", f"expected a string, got {formats._type_name(value)}")
+        raise BadRow("text", f"expected a string, got {type_name(value)}")
     if not value.strip():
         raise BadRow("text", "empty string")
     return UnpairedExample("", value, True, rec.source, rec.row)

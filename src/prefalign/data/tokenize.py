@@ -66,6 +66,11 @@ class TokenizedPair:
     row: int = 0
     truncated: bool = False
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the pair feeds the policy: prompt + chosen + rejected."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
 
 @dataclass
 class TokenizedUnpaired:
@@ -76,6 +81,11 @@ class TokenizedUnpaired:
     row: int = 0
     truncated: bool = False
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the example feeds the policy: prompt + completion."""
+        return len(self.prompt_ids) + len(self.completion_ids)
+
 
 @dataclass
 class TokenizedPrompt:
@@ -84,6 +94,10 @@ class TokenizedPrompt:
     row: int = 0
     extra: dict = field(default_factory=dict)
     truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 class TokenizeResult(NamedTuple):

@@ -2,7 +2,7 @@
 experiments: an SFT starting point, on-policy pairs labelled by the verifier, and the
 held-out evaluation (prefalign.evaluation) scored by the verifier.
 
-Everything trains through the real trainer (`prefalign.train.train`) on JSONL files
+Everything trains through the real trainer (`prefalign.trainer.train`) on JSONL files
 written to the run folder, so the demo exercises the code paths a user's run takes.
 """
 
@@ -15,7 +15,7 @@ import os
 import time
 
 
-from prefalign import config, evaluation, train
+from prefalign import config, evaluation, trainer
 from prefalign.demo import task
 from prefalign.errors import UserError
 from prefalign.demo.model import build_model
@@ -61,7 +61,7 @@ def sft_start(output: str, settings: DemoSettings):
     cfg = _run_config(sft_dir, data, settings, loss="sft", reference="none", lr=settings.sft_lr,
                       warmup_steps=settings.sft_warmup, lr_schedule="linear", max_steps=settings.sft_steps,
                       batch_size=settings.sft_batch, adam_beta2=0.98, log_every=10)
-    result = train.train(cfg, model=build_model(tok, seed=settings.seed), tokenizer=tok)
+    result = trainer.train(cfg, model=build_model(tok, seed=settings.seed), tokenizer=tok)
     if result.stopped:  # a half-trained model must never be mistaken for the cached SFT start
         raise UserError(f"SFT stopped early ({result.stopped}); run the command again to train it")
     with open(stamp, "w") as fh:
@@ -102,7 +102,7 @@ def dpo(output: str, sft_model, tok, train_pairs: str, eval_pairs: str, settings
     kw.update(overrides)
     cfg = _run_config(output, train_pairs, settings, **kw)
     ref = copy.deepcopy(sft_model) if cfg.reference != "none" and cfg.loss != "sft" else None
-    return train.train(cfg, model=copy.deepcopy(sft_model).train(), tokenizer=tok, ref_model=ref)
+    return trainer.train(cfg, model=copy.deepcopy(sft_model).train(), tokenizer=tok, ref_model=ref)
 
 
 class Timer:

@@ -53,7 +53,7 @@ def measure(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from prefalign import config, train
+    from prefalign import config, trainer
     from prefalign.demo.model import build_model
     from prefalign.demo.tokenizer import build_tokenizer
     from prefalign.metrics import peak_memory_mb
@@ -70,7 +70,7 @@ def measure(spec: dict) -> dict:
                             save_model=False, lr_schedule="constant", packing=True, seed=spec["seed"]),
                        where="lora-memory")
     t0 = time.time()
-    res = train.train(cfg, model=model, tokenizer=tok, ref_model=ref)
+    res = trainer.train(cfg, model=model, tokenizer=tok, ref_model=ref)
     wall = time.time() - t0
     del ref
     per_step = [spec["batch"] / r["pairs_per_s"] for r in res.history]

@@ -54,7 +54,7 @@ from prefalign.online.common import (
 )
 from prefalign.online.settings import GRPOConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
 from prefalign.sampling import SamplingConfig, generate
-from prefalign.train import lr_lambda, step_indices
+from prefalign.schedule import lr_lambda, step_indices
 
 
 @dataclass

@@ -10,7 +10,7 @@ Round k (1-based):
   3. Pairs: best vs worst of each group, kept when the reward gap is >= min_gap
      (online.pairs.build_pairs) -> OUTPUT/round-k/pairs.jsonl.
   4. DPO (or any paired loss) on those pairs through the offline trainer
-     (prefalign.train.train, OUTPUT/round-k holds its metrics and plots), starting from the
+     (prefalign.trainer.train, OUTPUT/round-k holds its metrics and plots), starting from the
      current policy.
   5. The reference for the next round (ref_update): "fixed" keeps the initial policy (the KL is to the
      start, as in offline DPO); "moving" uses the policy at the start of each round, so each
@@ -39,7 +39,7 @@ from prefalign.online.common import PromptSet, begin, claimed, load_policy, make
 from prefalign.online.pairs import build_pairs
 from prefalign.online.settings import REFERENCES, IterativeConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
 from prefalign.sampling import SamplingConfig, generate
-from prefalign.train import step_indices
+from prefalign.schedule import step_indices
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _round(cfg: IterativeConfig, run: _Run, k: int, train_history: list) -> dict
 def _dpo(cfg: IterativeConfig, run: _Run, k: int, rdir: str, pairs: str, train_history: list) -> dict:
     """Round k's DPO through the offline trainer, from run.policy (replaced by the result)."""
     from prefalign.models import freeze
-    from prefalign.train import train
+    from prefalign.trainer import train
 
     if cfg.ref_update == "fixed":
         ref = run.fixed_ref

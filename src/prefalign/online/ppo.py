@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prefalign import checkpoint, fingerprint, hardware, rundir
+from prefalign import checkpoint, fingerprint, hardware, rundir, signals
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
 from prefalign.losses.ppo import (AdaptiveKL, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
@@ -59,7 +59,7 @@ from prefalign.prepare import autocast
 from prefalign.sampling import SamplingConfig, generate
 from prefalign.online.settings import PPOConfig  # noqa: F401 (the CLI imports the settings without torch)
 from prefalign.online.value import build_value_model, completion_token_values, value_source
-from prefalign.train import _signal_handlers_kept, _Stop, lr_lambda, step_indices
+from prefalign.schedule import lr_lambda, step_indices
 
 # Settings that do not change what a run computes (a resume may change them freely).
 NOT_TRAJECTORY = ("output", "resume", "overwrite", "steps", "log_every", "save_every", "keep_checkpoints",
@@ -321,7 +321,7 @@ def ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts=None, reward=None
     cfg.validate()
     check_attention(cfg.attention)  # before the output directory is touched
     cfg = dataclasses.replace(cfg, precision=hardware.announce(cfg.precision))  # config.yaml records what ran
-    with rundir.claim(cfg), _signal_handlers_kept():
+    with rundir.claim(cfg), signals.handlers_restored():
         return _ppo(cfg, model, tokenizer, prompts, reward, ref_model, value_model)
 
 
@@ -347,22 +347,22 @@ def _ppo(cfg: PPOConfig, model, tokenizer, prompts, reward, ref_model, value_mod
         checkpoint.save(root, step, checkpoint.trainable_state(run.actors), run.opt.state_dict(), run.sched,
                         {"kl": run.kl.state_dict(), "fingerprint": run.fp, "finished": finished}, cfg.keep_checkpoints)
 
-    with _Stop() as stop:  # SIGINT/SIGTERM/SIGHUP: finish the step, checkpoint, return (a second one: at once)
-        for step in range(start, cfg.steps):
-            record = _step(run, step)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stop.signal:
-                log.write(record)
-                console.update(step + 1, record)
-            if stop.signal and step + 1 < cfg.steps:
-                save(step + 1)
-                console.say(f"stopped at step {step + 1}: signal {stop.signal}; checkpoint saved in {root}, "
-                            f"continue with --resume auto")
-                console.close()
-                log.close()
-                return PPOResult(cfg.output, step + 1, [], run.actors.policy, run.actors.value, run.tok,
-                                 f"signal {stop.signal}")
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                save(step + 1)
+    stop = signals.StopRequest()  # SIGINT/SIGTERM/SIGHUP: finish the step, checkpoint, return (a second one: at once)
+    for step in range(start, cfg.steps):
+        record = _step(run, step)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stop.signal:
+            log.write(record)
+            console.update(step + 1, record)
+        if stop.signal and step + 1 < cfg.steps:
+            save(step + 1)
+            console.say(f"stopped at step {step + 1}: signal {stop.signal}; checkpoint saved in {root}, "
+                        f"continue with --resume auto")
+            console.close()
+            log.close()
+            return PPOResult(cfg.output, step + 1, [], run.actors.policy, run.actors.value, run.tok,
+                             f"signal {stop.signal}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save(step + 1)
     console.close()
     log.close()
     history = read_jsonl(os.path.join(cfg.output, "metrics.jsonl"))  # the whole run, earlier legs included
