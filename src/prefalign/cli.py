@@ -176,17 +176,19 @@ def cmd_sft(args):
 
 
 def cmd_losses(args):
-    """Each loss with the parameters `train` passes it when none is set (its own defaults)."""
-    from prefalign.losses import ALIASES, LOSSES, SFT, SFT_PARAMS
+    """Each loss with the parameters `train` passes it when none is set (its own defaults).
+    From the import-light table: listing the losses loads no torch."""
+    from prefalign.loss_table import ALIASES, SFT, SFT_PARAMS, TABLE
 
-    for name, spec in sorted(LOSSES.items()):
+    for name in sorted({**TABLE, **ALIASES}):
         if name in ALIASES:
             print(f"{name:12s} (another name for {ALIASES[name]})")
             continue
-        ref = "reference" if spec.needs_reference else "no reference"
-        extra = f" + {spec.nll_weight:g} x chosen NLL" if spec.nll_weight else ""
-        params = "  ".join(f"{k}={v!r}" for k, v in spec.params.items())
-        print(f"{name:12s} {spec.kind:8s} {ref:13s} inputs={spec.inputs}{extra}  {params}")
+        info = TABLE[name]
+        ref = "reference" if info.needs_reference else "no reference"
+        extra = f" + {info.nll_weight:g} x chosen NLL" if info.nll_weight else ""
+        params = "  ".join(f"{k}={v!r}" for k, v in info.params.items())
+        print(f"{name:12s} {info.kind:8s} {ref:13s} inputs={info.inputs}{extra}  {params}\n{'':13s}{info.about}")
     params = "  ".join(f"{k}={v!r}" for k, v in SFT_PARAMS.items())
     print(f"{SFT:12s} the chosen NLL; alone: SFT training; in a combination (--loss dpo,sft): a term  {params}")
     print("\nSet parameters with --loss-param KEY=VALUE (or LOSS.KEY=VALUE for one term of a combination),\n"
