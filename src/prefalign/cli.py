@@ -196,10 +196,13 @@ def cmd_losses(args):
 
 
 def cmd_eval(args):
+    from prefalign import fields
     from prefalign.evaluate import run_eval
+    from prefalign.settings import EvalConfig
 
-    check_output_file(args.json, "--json")
-    run_eval(args)
+    cfg = fields.from_flags(EvalConfig, args, args.config)
+    check_output_file(cfg.json, "--json")
+    run_eval(cfg)
 
 
 def cmd_demo(args):
@@ -210,7 +213,8 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from prefalign import __version__
+    from prefalign import __version__, fields
+    from prefalign.settings import EvalConfig
 
     # Building the parsers imports no torch/transformers (tests/test_cli_ux.py): every command's
     # heavy modules load inside its cmd_* function, so --help answers in well under a second.
@@ -224,17 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub, "sft", "supervised fine-tuning on completions (the starting point for DPO)",
                   base=SFT_BASE).set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("eval", help="held-out preference accuracy, margins, KL to the reference, lengths")
-    p.add_argument("--model", type=path_arg, required=True, help="the trained model (required)")
-    p.add_argument("--ref-model", type=path_arg, required=True,
-                   help="its reference model (required: the implicit rewards and the KL are measured against it)")
-    p.add_argument("--data", type=path_arg, required=True, help="held-out preference pairs (required)")
-    add_ranged(p, "--beta", float, "> 0", "beta of the implicit reward", default=0.1)
-    add_ranged(p, "--batch-size", int, ">= 1", "pairs per forward pass", default=8)
-    add_ranged(p, "--max-length", int, ">= 1", "max tokens of prompt + completion", default=1024)
-    add_ranged(p, "--samples", int, ">= 0", "prompts to sample for the KL estimate (0 = skip)", default=32)
-    add_ranged(p, "--max-new-tokens", int, ">= 1", "new tokens per sample of the KL estimate", default=64)
-    p.add_argument("--json", type=path_arg, default="", help="also write the results to this JSON file (default: none)")
+    p = sub.add_parser("eval", help="held-out preference accuracy, margins, KL to the reference, lengths",
+                       description="Every flag is also a key of --config (YAML); flags win.")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of eval's keys (default: none)")
+    fields.add_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("losses", help="list the losses")

@@ -8,102 +8,12 @@ raises or returns the wrong thing) print one line and exit 2 through prefalign.c
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import difflib
 import json
 import os
-import typing
 
-from prefalign import validation
 from prefalign.errors import UserError
-from prefalign.validation import add_ranged, check_output_dir, check_output_file, path_arg
-
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults_help=None) -> None:
-    """One flag per field of `cls`; defaults stay None so we know which flags were given.
-
-    A field's help is its metadata["help"] (if any) and its default; defaults_help(name) may
-    describe the default instead (compare: "the demo's DemoSettings value, ..."). The range of a
-    field in `cls.RANGES` is shown in its help; a field in `cls.PATHS` gets `~` expanded."""
-    ranges, paths = getattr(cls, "RANGES", {}), getattr(cls, "PATHS", ())
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        default = _default(f)
-        flag = "--" + f.name.replace("_", "-")
-        shown = defaults_help(f.name) if defaults_help else None
-        shown = (shown if shown is not None else f"default: {default!r}") + validation.help_suffix(ranges.get(f.name))
-        help_ = f"{f.metadata['help']} ({shown})" if f.metadata.get("help") else f"({shown})"
-        kw = dict(dest=f.name, default=None, help=help_.replace("%", "%%"))
-        choices = f.metadata.get("choices")
-        if default is None:  # the value comes from elsewhere (compare: DemoSettings): the type is in the metadata
-            parser.add_argument(flag, type=f.metadata["type"], metavar=f.name.upper(), **kw)
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, list):
-            elem = float if f.name.endswith("weights") else str
-            parser.add_argument(flag, nargs="+", type=elem, metavar=f.name.upper(), **kw)
-        elif isinstance(default, dict):
-            continue
-        elif f.name in paths:
-            parser.add_argument(flag, type=path_arg, metavar=f.name.upper(), **kw)
-        elif choices:  # argparse shows them: --scale {group,batch,none}
-            parser.add_argument(flag, type=type(default), choices=choices, **kw)
-        else:
-            parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kw)
-
-
-def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
-    """An instance of `cls` from (dataclass defaults < YAML file < flags < extra)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    types = typing.get_type_hints(cls)
-    ranges, paths = getattr(cls, "RANGES", {}), getattr(cls, "PATHS", ())
-    values = {}
-    if config_path:
-        from prefalign.yamlio import load_mapping
-
-        config_path = validation.expand(config_path)
-        mapping = load_mapping(config_path)
-        unknown = [_hinted(key, names) for key in mapping if key.replace("-", "_") not in names]
-        if unknown:  # all of them at once: a file written for another tool has several
-            raise UserError(f"{config_path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
-        for key, value in mapping.items():
-            name = key.replace("-", "_")
-            value = validation.coerce(name, value, types[name], config_path, ranges.get(name))
-            _refuse_outside(name, value, ranges, config_path)
-            values[name] = validation.expand(value) if name in paths else value
-    flags = _given_flags(cls, args)
-    values.update(flags)
-    values.update(extra or {})
-    try:
-        return cls(**values)
-    except TypeError as e:  # a YAML value of the wrong type
-        raise UserError(f"{config_path or 'flags'}: {e}") from None
-
-
-def _hinted(key: str, names) -> str:
-    close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
-    return f"'{key}' (did you mean '{close[0]}'?)" if close else f"'{key}'"
-
-
-def _refuse_outside(name: str, value, ranges: dict, where: str) -> None:
-    msg = validation.problem(name, value, ranges.get(name))
-    if msg:
-        raise UserError(f"{where}: {msg}")
-
-
-def _given_flags(cls, args) -> dict:
-    """The fields of `cls` set by a flag, each checked against cls.RANGES (the refusal names the flag)."""
-    ranges = getattr(cls, "RANGES", {})
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-    for name, value in given.items():
-        _refuse_outside(name, value, ranges, "--" + name.replace("_", "-"))
-    return given
+from prefalign.fields import add_flags, from_flags, given_flags
+from prefalign.validation import check_output_dir, check_output_file, path_arg
 
 
 def _parse_sets(pairs: list[str] | None) -> dict:
@@ -126,7 +36,9 @@ def cmd_generate(args):
     from prefalign import models
     from prefalign.online.generate import SamplingConfig, generate
     from prefalign.online.grpo import load_prompts, make_reward
+    from prefalign.settings import GenerateConfig
 
+    args = from_flags(GenerateConfig, args, args.config)
     check_output_file(args.output, "--output")
     tok = models.load_tokenizer(args.tokenizer or args.model)
     model = models.load_model(args.model)
@@ -184,7 +96,7 @@ def _compare_default(name: str):
     if name not in USER_DEFAULTS:
         return None
     demo = MAX_NEW_TOKENS if name == "max_new_tokens" else getattr(DemoSettings(), DEMO_FIELDS[name])
-    return f"default: demo task {demo!r} (DemoSettings); your task {USER_DEFAULTS[name]!r}"
+    return f"demo task {demo!r} (DemoSettings); your task {USER_DEFAULTS[name]!r}"
 
 
 def cmd_compare(args):
@@ -192,7 +104,7 @@ def cmd_compare(args):
 
     if args.methods and len(args.methods) == 1 and "," in args.methods[0]:
         args.methods = args.methods[0].split(",")
-    given = {k: v for k, v in _given_flags(CompareSettings, args).items() if k != "quick"}
+    given = {k: v for k, v in given_flags(CompareSettings, args).items() if k != "quick"}
     s = (CompareSettings.quick_settings if args.quick else CompareSettings)(**given)
     check_output_dir(s.output, "--output")
     compare(s)
@@ -201,29 +113,18 @@ def cmd_compare(args):
 def register(sub) -> None:
     # The settings classes only: the loops (torch, transformers) load when a command runs.
     from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig
+    from prefalign.settings import GenerateConfig
 
-    p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored")
-    p.add_argument("--model", type=path_arg, required=True, help="model: a local path or a hub id (required)")
-    p.add_argument("--tokenizer", type=path_arg, default="", help="tokenizer path or hub id (default: the model's)")
-    p.add_argument("--prompts", type=path_arg, required=True, help="a file with a `prompt` column (jsonl/json/parquet/csv) (required)")
-    p.add_argument("--output", type=path_arg, required=True, help="JSONL: prompt, completion, sample, finish_reason, num_tokens (required)")
-    add_ranged(p, "--n", int, ">= 1", "samples per prompt", default=1)
-    add_ranged(p, "--max-new-tokens", int, ">= 1", "new tokens per completion", default=128)
-    add_ranged(p, "--max-prompt-length", int, ">= 1", "max prompt tokens (longer prompts are truncated)",
-               default=512)
-    add_ranged(p, "--temperature", float, ">= 0", "sampling temperature; 0 = greedy", default=1.0)
-    add_ranged(p, "--top-p", float, "(0, 1]", "nucleus sampling p", default=1.0)
-    add_ranged(p, "--top-k", int, ">= 0", "top-k sampling; 0 = off", default=0)
-    p.add_argument("--stop", nargs="+", help="stop strings (default: none; EOS always stops)")
-    add_ranged(p, "--seed", int, "[0, 2**32)", "sampling seed", default=0)
-    add_ranged(p, "--batch-size", int, ">= 1", "rows decoded together", default=64)
-    p.add_argument("--reward", nargs="+", help="also score each completion with these reward specs (default: none)")
+    p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored",
+                       description="Every flag is also a key of --config (YAML); flags win.")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of generate's keys (default: none)")
+    add_flags(p, GenerateConfig)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("grpo", help="GRPO: group sampling, verifier/reward-model rewards, clipped surrogate + KL",
                        description="Every flag is also a key of --config (YAML); flags win.")
     p.add_argument("--config", type=path_arg, default="", help="YAML file of GRPOConfig keys (default: none)")
-    add_dataclass_flags(p, GRPOConfig)
+    add_flags(p, GRPOConfig)
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("iterate", help="iterative DPO: generate -> score -> best-vs-worst pairs -> DPO, in rounds",
@@ -231,7 +132,7 @@ def register(sub) -> None:
     p.add_argument("--config", type=path_arg, default="", help="YAML file of IterativeConfig keys (default: none)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a `prefalign train` config key for each round's DPO (repeatable), e.g. --set warmup_steps=10 (default: none)")
-    add_dataclass_flags(p, IterativeConfig)
+    add_flags(p, IterativeConfig)
     p.set_defaults(func=cmd_iterate)
 
     p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO from the same SFT model: "
@@ -239,5 +140,5 @@ def register(sub) -> None:
                        description="Aligns one SFT model three ways and writes OUTPUT/report.md (table + plots). "
                                    "Without --model it runs on the demo task, whose numbers default to "
                                    "`prefalign demo`'s (DemoSettings); see docs/compare.md.")
-    add_dataclass_flags(p, CompareSettings, defaults_help=_compare_default)
+    add_flags(p, CompareSettings, shown=_compare_default)
     p.set_defaults(func=cmd_compare)
