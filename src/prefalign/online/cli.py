@@ -1,9 +1,10 @@
 """The online commands: `prefalign generate`, `grpo`, `iterate`, `compare`.
 
-Registered by prefalign.cli (`_extra_commands`). Every field of GRPOConfig / IterativeConfig /
-CompareSettings is a flag (steps <-> --steps) and, for grpo and iterate, a key of a --config
-YAML file; flags win over the file. Errors the user can fix (a bad flag, a reward function that
-raises or returns the wrong thing) print one line and exit 2 through prefalign.cli.main.
+Registered by prefalign.cli (`_extra_commands`). Every field of GenerateConfig / GRPOConfig /
+IterativeConfig / CompareSettings is a flag (steps <-> --steps), made by prefalign.fields like
+every command's, and, for generate, grpo and iterate, a key of a --config YAML file; flags win over
+the file. Errors the user can fix (a bad flag, a reward function that raises or returns the wrong
+thing) print one line and exit 2 through prefalign.cli.main.
 """
 
 from __future__ import annotations
