@@ -131,22 +131,13 @@ PATHS = ("model", "ref_model", "tokenizer", "data", "eval_data", "output", "cach
 TrainConfig.RANGES, TrainConfig.PATHS = RANGES, PATHS  # read by fields.add_flags, as every settings class's
 
 
-def _optional(name: str) -> tuple[type, bool]:
-    typ, _, optional = fields.field_type(TrainConfig, name)
-    return typ, optional
-
-
 def _coerce(name: str, value: Any, where: str) -> Any:
-    """Convert a YAML or flag value to the field's type, or raise a UserError naming it."""
-    typ, optional = _optional(name)
-    if optional and value is None:  # X | None: None = the loss's own default
-        return None
-    if typ is dict:
+    """Convert a YAML or flag value to the field's type inside its range, or raise a UserError naming it."""
+    if fields.field_type(TrainConfig, name)[0] is dict:
         return None if value is None else _mapping(name, value, where)
     if name in ("loss", "loss_weights") and isinstance(value, (list, tuple)):  # YAML `loss: [dpo, sft]`
         value = ",".join(str(v) for v in value)
-    value = validation.coerce(name, value, typ, where, RANGES.get(name))
-    return validation.expand(value) if name in PATHS else value
+    return fields.coerce(TrainConfig, name, value, where)
 
 
 def _mapping(name: str, value: Any, where: str) -> dict:
