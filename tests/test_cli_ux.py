@@ -17,6 +17,7 @@ from prefalign.experiments.compare_settings import CompareSettings
 from prefalign.online.settings import GRPOConfig, IterativeConfig, PPOConfig
 from prefalign.reward_config import RewardConfig
 from prefalign.schedule import lr_lambda
+from prefalign.settings import EvalConfig, GenerateConfig
 from test_train import assert_same_weights, cfg_for, run_files, weights  # noqa: F401 (run_files: a fixture)
 
 
@@ -79,7 +80,7 @@ def _real_defaults(name: str, sub) -> dict:
         cfg = config.from_args(args, cli.SFT_BASE if name == "sft" else None)
         return {**vars(cfg), "loss_params": None, "num_processes": 1, "config": None}
     cls = {"grpo": GRPOConfig, "ppo": PPOConfig, "iterate": IterativeConfig, "compare": CompareSettings,
-           "reward": RewardConfig}.get(name)
+           "reward": RewardConfig, "eval": EvalConfig, "generate": GenerateConfig}.get(name)
     if cls is not None:
         obj = cls()
         real = dict(vars(obj))
@@ -105,7 +106,7 @@ def test_every_flag_of_every_command_has_help_and_its_real_default():
             shown = _shown(a)
             if isinstance(a, argparse._StoreTrueAction):  # a switch: off unless given
                 continue
-            if a.required:
+            if a.required or a.help.endswith("(required)"):  # the latter: a flag or a --config key
                 assert shown is None and "required" in a.help, f"{what}: required, says {a.help!r}"
                 continue
             assert shown is not None, f"{what}: the help shows no default: {a.help!r}"

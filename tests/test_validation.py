@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from prefalign import config, validation, yamlio
+from prefalign import config, fields, validation, yamlio
 from prefalign.cli import main
 from prefalign.errors import UserError
 
@@ -279,8 +279,7 @@ def test_range_specs(spec, inside, outside):
 
 
 def test_every_numeric_train_field_has_a_range():
-    numeric = {n for n, f in config.FIELDS.items()
-               if config._optional(config._type_of(f))[0] in (int, float)}
+    numeric = {n for n in config.FIELDS if fields.field_type(config.TrainConfig, n)[0] in (int, float)}
     assert numeric <= set(config.RANGES), numeric - set(config.RANGES)
     for name, spec in config.RANGES.items():  # every default sits inside its own range
         assert validation.problem(name, config.FIELDS[name].default, spec) is None, name

@@ -176,17 +176,19 @@ def cmd_sft(args):
 
 
 def cmd_losses(args):
-    """Each loss with the parameters `train` passes it when none is set (its own defaults)."""
-    from prefalign.losses import ALIASES, LOSSES, SFT, SFT_PARAMS
+    """Each loss with the parameters `train` passes it when none is set (its own defaults).
+    From the import-light table: listing the losses loads no torch."""
+    from prefalign.loss_table import ALIASES, SFT, SFT_PARAMS, TABLE
 
-    for name, spec in sorted(LOSSES.items()):
+    for name in sorted({**TABLE, **ALIASES}):
         if name in ALIASES:
             print(f"{name:12s} (another name for {ALIASES[name]})")
             continue
-        ref = "reference" if spec.needs_reference else "no reference"
-        extra = f" + {spec.nll_weight:g} x chosen NLL" if spec.nll_weight else ""
-        params = "  ".join(f"{k}={v!r}" for k, v in spec.params.items())
-        print(f"{name:12s} {spec.kind:8s} {ref:13s} inputs={spec.inputs}{extra}  {params}")
+        info = TABLE[name]
+        ref = "reference" if info.needs_reference else "no reference"
+        extra = f" + {info.nll_weight:g} x chosen NLL" if info.nll_weight else ""
+        params = "  ".join(f"{k}={v!r}" for k, v in info.params.items())
+        print(f"{name:12s} {info.kind:8s} {ref:13s} inputs={info.inputs}{extra}  {params}\n{'':13s}{info.about}")
     params = "  ".join(f"{k}={v!r}" for k, v in SFT_PARAMS.items())
     print(f"{SFT:12s} the chosen NLL; alone: SFT training; in a combination (--loss dpo,sft): a term  {params}")
     print("\nSet parameters with --loss-param KEY=VALUE (or LOSS.KEY=VALUE for one term of a combination),\n"
@@ -194,10 +196,13 @@ def cmd_losses(args):
 
 
 def cmd_eval(args):
+    from prefalign import fields
     from prefalign.evaluation import run_eval
+    from prefalign.settings import EvalConfig
 
-    check_output_file(args.json, "--json")
-    run_eval(args)
+    cfg = fields.from_flags(EvalConfig, args, args.config)
+    check_output_file(cfg.json, "--json")
+    run_eval(cfg)
 
 
 def cmd_demo(args):
@@ -208,7 +213,7 @@ def cmd_demo(args):
 
 
 def cmd_reward(args):
-    from prefalign.online.cli import from_flags
+    from prefalign.fields import from_flags
     from prefalign.reward_config import RewardConfig, with_saved_settings
     from prefalign.reward_train import train_reward
     from prefalign.yamlio import load_mapping
@@ -236,7 +241,7 @@ def cmd_reward(args):
 
 
 def _reward_parser(sub) -> None:
-    from prefalign.online.cli import add_dataclass_flags
+    from prefalign.fields import add_flags
     from prefalign.reward_config import RewardConfig
 
     p = sub.add_parser("reward", help="train a Bradley-Terry reward model on preference pairs (for rm:PATH rewards)",
@@ -244,12 +249,13 @@ def _reward_parser(sub) -> None:
                                    "pairs `train` reads: loss -log sigmoid(r_chosen - r_rejected - margin) "
                                    "[+ centering]. OUTPUT/model is then a reward spec: --reward rm:OUTPUT/model.")
     p.add_argument("--config", type=path_arg, help="YAML file of config keys (default: none)")
-    add_dataclass_flags(p, RewardConfig)
+    add_flags(p, RewardConfig)
     p.set_defaults(func=cmd_reward)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from prefalign import __version__
+    from prefalign import __version__, fields
+    from prefalign.settings import EvalConfig
 
     # Building the parsers imports no torch/transformers (tests/test_cli_ux.py): every command's
     # heavy modules load inside its cmd_* function, so --help answers in well under a second.
@@ -263,17 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub, "sft", "supervised fine-tuning on completions (the starting point for DPO)",
                   base=SFT_BASE).set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("eval", help="held-out preference accuracy, margins, KL to the reference, lengths")
-    p.add_argument("--model", type=path_arg, required=True, help="the trained model (required)")
-    p.add_argument("--ref-model", type=path_arg, required=True,
-                   help="its reference model (required: the implicit rewards and the KL are measured against it)")
-    p.add_argument("--data", type=path_arg, required=True, help="held-out preference pairs (required)")
-    add_ranged(p, "--beta", float, "> 0", "beta of the implicit reward", default=0.1)
-    add_ranged(p, "--batch-size", int, ">= 1", "pairs per forward pass", default=8)
-    add_ranged(p, "--max-length", int, ">= 1", "max tokens of prompt + completion", default=1024)
-    add_ranged(p, "--samples", int, ">= 0", "prompts to sample for the KL estimate (0 = skip)", default=32)
-    add_ranged(p, "--max-new-tokens", int, ">= 1", "new tokens per sample of the KL estimate", default=64)
-    p.add_argument("--json", type=path_arg, default="", help="also write the results to this JSON file (default: none)")
+    p = sub.add_parser("eval", help="held-out preference accuracy, margins, KL to the reference, lengths",
+                       description="Every flag is also a key of --config (YAML); flags win.")
+    p.add_argument("--config", type=path_arg, default="", help="YAML file of eval's keys (default: none)")
+    fields.add_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
 
     _reward_parser(sub)

@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from prefalign import hardware, trl_keys, validation, yamlio
+from prefalign import fields, hardware, trl_keys, validation, yamlio
 from prefalign.errors import UserError
 
-
-def _f(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+_f = fields.option  # the one field helper of every command's settings
 
 
 @dataclass
@@ -36,7 +33,8 @@ class TrainConfig:
                    "'dpo,sft' (TRL's loss_type list; weights in --loss-weights)")
     loss_weights: str = _f("", "comma-separated weights of the --loss combination; empty: 1 each")
     loss_params: dict = _f(None, "the loss's parameters, checked against it (YAML mapping; flag "
-                           "--loss-param KEY=VALUE, repeatable; LOSS.KEY for one term of a combination)")
+                           "--loss-param KEY=VALUE, repeatable; LOSS.KEY for one term of a combination)",
+                           flag="--loss-param", metavar="KEY=VALUE")
     # Shorthands for loss_params; None = the loss's own default (see `prefalign losses`).
     beta: float | None = _f(None, "beta: strength of the pull toward the reference (KL coefficient)")
     label_smoothing: float | None = _f(None, "label smoothing e for dpo (cDPO), robust, exo_pair")
@@ -131,32 +129,16 @@ RANGES = {
 }
 # Fields holding a local path (or a hub id, which never starts with `~`): `~` is expanded.
 PATHS = ("model", "ref_model", "tokenizer", "data", "eval_data", "output", "cache_dir", "resume")
-
-
-def _type_of(f: dataclasses.Field) -> type:
-    hints = typing.get_type_hints(TrainConfig)
-    return hints[f.name]
-
-
-def _optional(typ) -> tuple[type, bool]:
-    """(X, True) for `X | None`, (typ, False) otherwise."""
-    args = typing.get_args(typ)
-    if type(None) in args and len(args) == 2:
-        return next(a for a in args if a is not type(None)), True
-    return typ, False
+TrainConfig.RANGES, TrainConfig.PATHS = RANGES, PATHS  # read by fields.add_flags, as every settings class's
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
-    """Convert a YAML or flag value to the field's type, or raise a UserError naming it."""
-    typ, optional = _optional(_type_of(FIELDS[name]))
-    if optional and value is None:  # X | None: None = the loss's own default
-        return None
-    if typ is dict:
+    """Convert a YAML or flag value to the field's type inside its range, or raise a UserError naming it."""
+    if fields.field_type(TrainConfig, name)[0] is dict:
         return None if value is None else _mapping(name, value, where)
     if name in ("loss", "loss_weights") and isinstance(value, (list, tuple)):  # YAML `loss: [dpo, sft]`
         value = ",".join(str(v) for v in value)
-    value = validation.coerce(name, value, typ, where, RANGES.get(name))
-    return validation.expand(value) if name in PATHS else value
+    return fields.coerce(TrainConfig, name, value, where)
 
 
 def _mapping(name: str, value: Any, where: str) -> dict:
@@ -237,22 +219,7 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), base:
     """One flag per config field, its help showing the default the command really uses (`base`: the
     command's own defaults, as from_args applies them) once, its choices and its range. The
     argparse defaults stay None so we know which flags were given."""
-    for name, f in FIELDS.items():
-        if name in skip:
-            continue
-        typ = _type_of(f)
-        suffix = validation.help_suffix(RANGES.get(name))
-        help_text = f"{f.metadata['help']} (default: {shown_default(name, base)}{suffix})".replace("%", "%%")
-        flag = "--" + name.replace("_", "-")
-        choices = f.metadata.get("choices")
-        if typ is dict:
-            parser.add_argument("--loss-param", dest=name, action="append", default=None, metavar="KEY=VALUE",
-                                help=f.metadata["help"] + " (default: none)")
-        elif typ in (bool, bool | None):
-            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
-        else:  # choices show as {a,b,c}; a metavar would hide them
-            parser.add_argument(flag, dest=name, default=None, metavar=None if choices else name.upper(),
-                                help=help_text, choices=choices)
+    fields.add_flags(parser, TrainConfig, skip, shown=lambda name: shown_default(name, base))
     for trl_name, flag in trl_keys.flag_names():  # TRL's names (docs/trl.md), not listed one by one
         if trl_keys.ALIASES[trl_name] not in skip:  # TRL's switches (--bf16) may also take a value
             switch = dict(nargs="?", const="true") if trl_name in trl_keys.MAPPED else {}

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prefalign.errors import UserError
+from prefalign.fields import option
 from prefalign.validation import check_table
 
 
-def _h(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+_h = option  # the one field helper (prefalign.fields)
 
 
 @dataclass

@@ -72,17 +72,17 @@ def _compare_default(name: str):
     if name not in USER_DEFAULTS:
         return None
     demo = MAX_NEW_TOKENS if name == "max_new_tokens" else getattr(DemoSettings(), DEMO_FIELDS[name])
-    return f"default: demo task {demo!r} (DemoSettings); your task {USER_DEFAULTS[name]!r}"
+    return f"demo task {demo!r} (DemoSettings); your task {USER_DEFAULTS[name]!r}"
 
 
 def cmd_compare(args):
     from prefalign.experiments.compare import CompareSettings, compare
-    from prefalign.online.cli import _given_flags
+    from prefalign.fields import given_flags
     from prefalign.validation import check_output_dir
 
     if args.methods and len(args.methods) == 1 and "," in args.methods[0]:
         args.methods = args.methods[0].split(",")
-    given = {k: v for k, v in _given_flags(CompareSettings, args).items() if k != "quick"}
+    given = {k: v for k, v in given_flags(CompareSettings, args).items() if k != "quick"}
     s = (CompareSettings.quick_settings if args.quick else CompareSettings)(**given)
     check_output_dir(s.output, "--output")
     compare(s)
@@ -91,14 +91,14 @@ def cmd_compare(args):
 def register(sub) -> None:
     # The settings class only: the loops (torch, transformers) load when a command runs.
     from prefalign.experiments.compare_settings import CompareSettings
-    from prefalign.online.cli import add_dataclass_flags
+    from prefalign.fields import add_flags
 
     p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO from the same SFT model: "
                                        "held-out score, stability, time, memory (demo task by default)",
                        description="Aligns one SFT model three ways and writes OUTPUT/report.md (table + plots). "
                                    "Without --model it runs on the demo task, whose numbers default to "
                                    "`prefalign demo`'s (DemoSettings); see docs/compare.md.")
-    add_dataclass_flags(p, CompareSettings, defaults_help=_compare_default)
+    add_flags(p, CompareSettings, shown=_compare_default)
     p.set_defaults(func=cmd_compare)
 
     lines = "\n".join(f"  {n:14s} {h}" for n, (_, h) in EXPERIMENTS.items())

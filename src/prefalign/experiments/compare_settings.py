@@ -6,9 +6,10 @@ Import-light (no torch): `prefalign --help` builds the command's flags from thes
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prefalign.errors import UserError
+from prefalign.fields import option
 from prefalign.online.settings import IterativeConfig
 from prefalign.validation import check_table
 
@@ -17,12 +18,7 @@ LABELS = {"sft": "SFT (start)", "dpo": "offline DPO", "iterative": "iterative DP
 DEMO_REWARD = "prefalign.demo.task:reward"   # the demo's verifier: 1 if the answer is right and well formed
 
 
-def _f(default, help: str, type_=None, choices=None):
-    """A CompareSettings field with its flag's help (and argparse type, for fields that default to None)."""
-    meta = {"help": help, "choices": choices, **({"type": type_} if type_ else {})}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+_f = option
 
 
 # The settings that default to None take their value from the task: on the demo task from
@@ -55,20 +51,20 @@ class CompareSettings:
     eval_prompts: str = _f("", "your held-out prompts; empty: the last --heldout rows of --prompts")
     sft_from: str = _f("", "demo task: reuse the SFT model of a `prefalign demo --output DIR` (DIR/sft) or of an "
                            "earlier compare (DIR/seed-S/sft) instead of training one; its settings must match")
-    heldout: int = _f(None, "held-out prompts scored", int)
+    heldout: int = _f(None, "held-out prompts scored")
     reward: list = _f([], "reward specs (module:function, exact_answer, regex=..., a reward model); "
                           "empty on the demo: its verifier")
-    max_new_tokens: int = _f(None, "new tokens per completion", int)
-    temperature: float = _f(None, "sampling temperature for training samples", float)
+    max_new_tokens: int = _f(None, "new tokens per completion")
+    temperature: float = _f(None, "sampling temperature for training samples")
     # the shared sampling + DPO budget of (a) and (b)
-    sample_prompts: int = _f(None, "DPO: training prompts sampled in total (iterative: split over the rounds)", int)
-    samples: int = _f(None, "completions per prompt (DPO pairs and GRPO groups)", int)
-    pairs_per_prompt: int = _f(None, "DPO: best-vs-worst pairs kept per prompt", int)
+    sample_prompts: int = _f(None, "DPO: training prompts sampled in total (iterative: split over the rounds)")
+    samples: int = _f(None, "completions per prompt (DPO pairs and GRPO groups)")
+    pairs_per_prompt: int = _f(None, "DPO: best-vs-worst pairs kept per prompt")
     min_gap: float = _f(0.5, "DPO: a pair needs chosen - rejected reward >= this")
-    dpo_steps: int = _f(None, "DPO: optimizer steps in total (iterative: split over the rounds)", int)
-    dpo_batch: int = _f(None, "DPO: pairs per step", int)
-    dpo_lr: float = _f(None, "DPO: learning rate (constant)", float)
-    beta: float = _f(None, "DPO: beta", float)
+    dpo_steps: int = _f(None, "DPO: optimizer steps in total (iterative: split over the rounds)")
+    dpo_batch: int = _f(None, "DPO: pairs per step")
+    dpo_lr: float = _f(None, "DPO: learning rate (constant)")
+    beta: float = _f(None, "DPO: beta")
     rounds: int = _f(3, "iterative DPO: rounds (offline DPO is one round)")
     # Why moving: on the demo task a fixed reference lets the rounds drift (round 3's samples scored
     # 0.62 after 0.72 in round 2; DPO logratio/pairs -0.39 -> -1.34; held-out 0.80); with the reference
@@ -89,7 +85,7 @@ class CompareSettings:
     grpo_aggregation: str = _f("dr_grpo", "GRPO loss aggregation: grpo | dr_grpo (constant normalizer, no length "
                                           "bias) | dapo")
     # running
-    threads: int = _f(None, "torch threads per process (0: torch's default)", int)
+    threads: int = _f(None, "torch threads per process (0: torch's default)")
     isolate: bool = _f(True, "one fresh process per (method, seed): honest peak memory")
     quick: bool = _f(False, "a reduced run (seconds; the story need not hold): for tests")
 

@@ -19,7 +19,6 @@ see ``CombinedLoss``), and the input keys are
 from __future__ import annotations
 
 import difflib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from .. import validation
 from ..errors import UserError
+from ..loss_table import ALIASES, CHOICES, SFT, SFT_PARAMS, TABLE  # noqa: F401 (re-exported)
 from . import pairwise, unpaired
 from .pairwise import LossOutput, log_odds, logratios
 # The loss functions themselves, for use outside the trainer: `from prefalign.losses import dpo`.
@@ -57,8 +57,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LossSpec:
-    """How to call one loss. ``defaults`` are its hyper-parameters (beta, gamma, ...), read
-    from the function's signature; ``options`` are conventions the caller applies around
+    """How to call one loss. ``defaults`` are its hyper-parameters (beta, gamma, ...), from
+    prefalign.loss_table (the function's own defaults); ``options`` are conventions the caller applies around
     the function (which inputs it gets, an NLL term's reduction), with their defaults;
     ``nll_weight`` is the weight of the chosen NLL the loss includes by definition (ORPO:
     1). ``params`` = defaults | options: everything a user may set, and nothing else."""
@@ -80,66 +80,22 @@ class LossSpec:
 # Keyword arguments that are training state passed in by the trainer, not hyper-parameters.
 _STATE_ARGS = frozenset({"delta"})
 
-
-# The options (see LossSpec) and the values a string option may take. prefalign's default
-# first; docs/trl.md gives the TRL setting of each.
-#   average_logps:   feed per-token mean log-probs instead of sums (IPO; TRL: true)
-#   running_delta:   bco_pair's delta = running mean reward (the BCO paper); false: 0 (TRL 1.16)
-#   nll_reduction:   the chosen NLL as the mean of per-pair token means ("pair") or one
-#                    token-weighted mean over the micro-batch ("token", TRL)
-#   nll_tokens:      ORPO's NLL over the completion ("completion") or prompt + completion
-#                    ("all", TRL's ORPOTrainer; the trainer then scores the prompts too)
-#   prompt_bos:      the tokenizer's own BOS ("tokenizer") or a BOS in front of every prompt
-#                    that lacks one ("always", TRL's CPOTrainer/ORPOTrainer)
-_NLL = {"nll_reduction": "pair"}
-_BOS = {"prompt_bos": "tokenizer"}
-CHOICES = {"nll_reduction": ("pair", "token"), "nll_tokens": ("completion", "all"),
-           "prompt_bos": ("tokenizer", "always")}
+_FUNCTIONS = {fn.__name__: fn for fn in (
+    pairwise.dpo, pairwise.robust, pairwise.hinge, pairwise.ipo, pairwise.bco_pair, pairwise.nca_pair,
+    pairwise.sppo_hard, pairwise.apo_zero, pairwise.apo_down, pairwise.exo_pair, pairwise.discopop, pairwise.aot,
+    pairwise.aot_unpaired, pairwise.simpo, pairwise.orpo, unpaired.kto)}
 
 
-def _spec(fn, kind="paired", needs_reference=True, inputs="sum", options=None, nll_weight=0.0) -> LossSpec:
-    # Defaults come from the signature so they cannot drift from the function.
-    defaults = {
-        p.name: p.default
-        for p in inspect.signature(fn).parameters.values()
-        if p.default is not inspect.Parameter.empty and p.name not in _STATE_ARGS
-    }
-    return LossSpec(fn.__name__, fn, kind, needs_reference, inputs, defaults, dict(options or {}),
-                    nll_weight)
+def _spec(name: str) -> LossSpec:
+    info = TABLE[name]  # the function's defaults are the table's (loss_table.takes_defaults)
+    return LossSpec(name, _FUNCTIONS[name], info.kind, info.needs_reference, info.inputs, dict(info.defaults),
+                    dict(info.options), info.nll_weight)
 
 
-_REFERENCE_PAIRED = (
-    pairwise.dpo,
-    pairwise.robust,
-    pairwise.hinge,
-    pairwise.nca_pair,
-    pairwise.sppo_hard,
-    pairwise.apo_zero,
-    pairwise.apo_down,
-    pairwise.exo_pair,
-    pairwise.discopop,
-    pairwise.aot,
-    pairwise.aot_unpaired,
-)
-
-LOSSES: dict[str, LossSpec] = {
-    **{fn.__name__: _spec(fn) for fn in _REFERENCE_PAIRED},
-    "ipo": _spec(pairwise.ipo, options={"average_logps": False}),
-    "bco_pair": _spec(pairwise.bco_pair, options={"running_delta": True}),
-    "simpo": _spec(pairwise.simpo, needs_reference=False, inputs="mean", options=_BOS),
-    # ORPO = chosen NLL + the odds-ratio term pairwise.orpo computes.
-    "orpo": _spec(pairwise.orpo, needs_reference=False, inputs="mean",
-                  options={**_NLL, "nll_tokens": "completion", **_BOS}, nll_weight=1.0),
-    "kto": _spec(unpaired.kto, kind="unpaired"),
-}
-
-# Names other libraries use (TRL's loss_type values). They are valid keys of LOSSES too,
-# so a config check `name in LOSSES` accepts them; the spec keeps the canonical name.
-ALIASES = {"sigmoid": "dpo", "aot_pair": "aot_unpaired"}
+LOSSES: dict[str, LossSpec] = {name: _spec(name) for name in TABLE}
+# Other libraries' names (TRL's loss_type values) are valid keys of LOSSES too, so a config
+# check `name in LOSSES` accepts them; the spec keeps the canonical name.
 LOSSES.update({alias: LOSSES[target] for alias, target in ALIASES.items()})
-
-SFT = "sft"  # the chosen NLL term of `combined`; not a loss on its own
-SFT_PARAMS = dict(_NLL)  # what the "sft" term of a combination accepts
 
 _SUM_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 _MEAN_KEYS = ("policy_chosen_avg", "policy_rejected_avg", "ref_chosen_avg", "ref_rejected_avg")

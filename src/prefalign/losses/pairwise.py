@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prefalign.loss_table import takes_defaults
+
 
 class LossOutput(NamedTuple):
     """What every loss returns; all three are [B]."""
@@ -72,7 +74,8 @@ def _smoothed_logistic(x: Tensor, eps: float) -> Tensor:
 # ------------------------------------------------------------------- reference losses
 
 
-def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_smoothing=0.0):
+@takes_defaults
+def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing):
     """DPO (sigmoid) loss; conservative DPO (cDPO) when label_smoothing = e > 0.
 
         loss = -(1-e) log sig(beta h) - e log sig(-beta h)      (e = 0: -log sig(beta h))
@@ -85,7 +88,8 @@ def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, labe
     return output(_smoothed_logistic(beta * (rw - rl), label_smoothing), beta, rw, rl)
 
 
-def robust(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_smoothing=0.0):
+@takes_defaults
+def robust(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing):
     """Robust DPO: an unbiased estimate of the clean DPO loss when labels flip with rate e.
 
         loss = [-(1-e) log sig(beta h) + e log sig(-beta h)] / (1 - 2e),   0 <= e < 1/2
@@ -102,7 +106,8 @@ def robust(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, l
     return output(losses, beta, rw, rl)
 
 
-def hinge(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
+@takes_defaults
+def hinge(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """Hinge (SLiC-style) loss: loss = relu(1 - beta h); zero once beta h >= 1.
 
     Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"
@@ -113,7 +118,8 @@ def hinge(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
     return output(F.relu(1 - beta * (rw - rl)), beta, rw, rl)
 
 
-def ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
+@takes_defaults
+def ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """IPO loss: loss = (h - 1/(2 beta))^2, minimised at h = 1/(2 beta).
 
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
@@ -124,7 +130,8 @@ def ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
     return output((rw - rl - 1 / (2 * beta)) ** 2, beta, rw, rl)
 
 
-def bco_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, delta=0.0):
+@takes_defaults
+def bco_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, delta=0.0):
     """Pairwise BCO: a binary classifier with logit beta*r - delta; chosen = 1, rejected = 0.
 
         loss = -log sig(beta r_w - delta) - log sig(-(beta r_l - delta))
@@ -141,7 +148,8 @@ def bco_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     return output(losses, beta, rw, rl)
 
 
-def nca_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
+@takes_defaults
+def nca_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """Pairwise NCA: absolute (not only relative) likelihood targets for each response.
 
         loss = -log sig(beta r_w) - 1/2 log sig(-beta r_w) - 1/2 log sig(-beta r_l)
@@ -156,7 +164,8 @@ def nca_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
     return output(losses, beta, rw, rl)
 
 
-def sppo_hard(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
+@takes_defaults
+def sppo_hard(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """SPPO with hard labels: regress each log-ratio to +-1/(2 beta) (win prob. 1 vs 0).
 
         loss = (r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2
@@ -170,7 +179,8 @@ def sppo_hard(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1
     return output((rw - target) ** 2 + (rl + target) ** 2, beta, rw, rl)
 
 
-def apo_zero(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
+@takes_defaults
+def apo_zero(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """APO-zero: push the chosen likelihood up and the rejected down (use when y_w beats
     the model's own outputs).
 
@@ -183,7 +193,8 @@ def apo_zero(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
     return output(torch.sigmoid(-beta * rw) + torch.sigmoid(beta * rl), beta, rw, rl)
 
 
-def apo_down(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
+@takes_defaults
+def apo_down(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """APO-down: push both likelihoods down, the rejected more (use when the model's
     outputs beat y_w).
 
@@ -196,8 +207,9 @@ def apo_down(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
     return output(torch.sigmoid(beta * rw) + torch.sigmoid(-beta * (rw - rl)), beta, rw, rl)
 
 
+@takes_defaults
 def exo_pair(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_smoothing=1e-3
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing
 ):
     """Pairwise EXO: reverse KL from the model's preference distribution to a soft label.
 
@@ -223,8 +235,9 @@ def exo_pair(
     return output(losses, beta, rw, rl)
 
 
+@takes_defaults
 def discopop(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, discopop_tau=0.05
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, discopop_tau
 ):
     """DiscoPOP / LRML (log-ratio modulated loss): a logistic/exponential blend.
 
@@ -244,7 +257,8 @@ def discopop(
     return output(losses, beta, rw, rl)
 
 
-def aot(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_smoothing=0.0):
+@takes_defaults
+def aot(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing):
     """AOT (paired): distributional alignment via 1-D optimal transport over the batch.
 
     Sort the policy margins u = policy_chosen - policy_rejected and the reference margins
@@ -264,8 +278,9 @@ def aot(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, labe
     return output(_smoothed_logistic(beta * (u - v), label_smoothing), beta, rw, rl)
 
 
+@takes_defaults
 def aot_unpaired(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_smoothing=0.0
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing
 ):
     """AOT (unpaired): the chosen log-ratios should dominate the rejected ones in
     distribution (first-order stochastic dominance), without using the pairing.
@@ -287,7 +302,8 @@ def aot_unpaired(
 # ------------------------------------------------------------ reference-free losses
 
 
-def simpo(policy_chosen_avg, policy_rejected_avg, beta=2.0, gamma=0.5):
+@takes_defaults
+def simpo(policy_chosen_avg, policy_rejected_avg, beta, gamma):
     """SimPO: length-normalised, reference-free DPO with a target margin gamma.
 
         loss = -log sig(beta (avg_w - avg_l) - gamma),   avg = mean per-token log pi(y|x)
@@ -317,7 +333,8 @@ def log_odds(avg_logp: Tensor) -> Tensor:
     return avg_logp - log1m_p
 
 
-def orpo(policy_chosen_avg, policy_rejected_avg, beta=0.1):
+@takes_defaults
+def orpo(policy_chosen_avg, policy_rejected_avg, beta):
     """ORPO odds-ratio term (the trainer adds the chosen NLL, -policy_chosen_avg).
 
         loss = -beta log sig(log odds(y_w) - log odds(y_l)),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prefalign.loss_table import takes_defaults
+
 from .pairwise import LossOutput, check_batch
 
 
@@ -40,14 +42,15 @@ def kto_kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
 
 
+@takes_defaults
 def kto(
     policy_logps,
     ref_logps,
     desirable,
     kl,
-    beta=0.1,
-    desirable_weight=1.0,
-    undesirable_weight=1.0,
+    beta,
+    desirable_weight,
+    undesirable_weight,
 ):
     """KTO: prospect-theoretic loss on unpaired desirable/undesirable completions.
 

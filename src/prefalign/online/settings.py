@@ -7,22 +7,17 @@ Each field's metadata holds its flag's help (and choices); the loops re-export t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prefalign.errors import UserError
+from prefalign.fields import option
 from prefalign.hardware import HELP, PRECISIONS
 from prefalign.validation import check_table
 
 ATTENTIONS = ("auto", "sdpa", "eager", "flex_attention")  # TrainConfig.attention's choices
 
 
-def _h(default, help: str, choices=None):
-    """A field with its flag's help and choices."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices})
+_h = option  # the one field helper (prefalign.fields)
 
 
 @dataclass
@@ -34,7 +29,7 @@ class GRPOConfig:
     ref_model: str = _h("", 'reference for the KL term (empty: a frozen copy of the initial policy)')
     prompts: str = _h("", 'prompt file (jsonl/json/parquet/csv): a `prompt` column + extra columns')
     reward: list = _h([], 'reward specs (see online.rewards.load_reward)')
-    reward_weights: list = _h([], 'one weight per reward (empty: 1 each)')
+    reward_weights: list[float] = _h([], 'one weight per reward (empty: 1 each)')
     output: str = _h("", 'output directory')
     # sampling
     steps: int = _h(100, 'GRPO steps (generation batches)')
@@ -132,7 +127,7 @@ class IterativeConfig:
     tokenizer: str = _h("", "tokenizer path or hub id (empty: the model's)")
     prompts: str = _h("", 'prompt file: a `prompt` column + extra columns for the reward')
     reward: list = _h([], 'reward specs (module:function, exact_answer, regex=..., a reward model)')
-    reward_weights: list = _h([], 'one weight per reward (empty: 1 each)')
+    reward_weights: list[float] = _h([], 'one weight per reward (empty: 1 each)')
     output: str = _h("", 'output directory')
     # rounds and sampling
     rounds: int = _h(3, 'rounds of generate -> score -> pairs -> DPO')
@@ -226,7 +221,7 @@ class PPOConfig:
                               'one-output head too); empty: the reward model of an rm:PATH reward, else the policy')
     prompts: str = _h("", 'prompt file (jsonl/json/parquet/csv): a `prompt` column + extra columns')
     reward: list = _h([], 'reward specs (see online.rewards.load_reward; rm:PATH for a trained reward model)')
-    reward_weights: list = _h([], 'one weight per reward (empty: 1 each)')
+    reward_weights: list[float] = _h([], 'one weight per reward (empty: 1 each)')
     output: str = _h("", 'output directory')
     # sampling: one completion per prompt
     steps: int = _h(100, 'PPO steps (generation batches)')
