@@ -13,7 +13,9 @@ import yaml
 
 from prefalign import cli, config, fields, loss_table
 from prefalign.online import cli as online_cli
-from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig
+from prefalign.experiments.compare_settings import CompareSettings
+from prefalign.online.settings import GRPOConfig, IterativeConfig, PPOConfig
+from prefalign.reward_config import RewardConfig
 from prefalign.settings import EvalConfig, GenerateConfig
 from test_train import run_files  # noqa: F401 (a fixture)
 
@@ -34,18 +36,19 @@ def _one_line(capsys) -> str:
 
 
 def test_every_settings_class_goes_through_the_one_builder(monkeypatch):
-    """Each command's flags come from fields.add_flags (train/sft, eval, generate, grpo, iterate, compare)."""
+    """Each command's flags come from fields.add_flags (train/sft, eval, generate, grpo, ppo, iterate, compare, reward)."""
     seen = []
     real = fields.add_flags
     monkeypatch.setattr(fields, "add_flags", lambda p, cls, *a, **k: (seen.append(cls), real(p, cls, *a, **k)))
     monkeypatch.setattr(online_cli, "add_flags", fields.add_flags)
     cli.build_parser()
     assert seen.count(config.TrainConfig) == 2  # train and sft
-    assert {EvalConfig, GenerateConfig, GRPOConfig, IterativeConfig, CompareSettings} <= set(seen)
+    assert {EvalConfig, GenerateConfig, GRPOConfig, PPOConfig, IterativeConfig, CompareSettings,
+            RewardConfig} <= set(seen)
 
 
-@pytest.mark.parametrize("cls", [config.TrainConfig, EvalConfig, GenerateConfig, GRPOConfig, IterativeConfig,
-                                 CompareSettings])
+@pytest.mark.parametrize("cls", [config.TrainConfig, EvalConfig, GenerateConfig, GRPOConfig, PPOConfig,
+                                 IterativeConfig, CompareSettings, RewardConfig])
 def test_every_field_has_help_and_every_range_a_field(cls):
     names = {f.name for f in dataclasses.fields(cls)}
     assert all(len(f.metadata.get("help", "")) > 3 for f in dataclasses.fields(cls)), cls.__name__

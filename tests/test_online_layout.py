@@ -192,7 +192,7 @@ def test_kl_coef_under_two_names_or_out_of_range_is_refused(tmp_path, capsys, sa
 
 def test_reference_is_another_name_for_ref_update(tmp_path):
     parser = cli.build_parser()
-    from prefalign.online.cli import from_flags
+    from prefalign.fields import from_flags
 
     (tmp_path / "c.yaml").write_text("reference: moving\n")
     by_flag = from_flags(IterativeConfig, parser.parse_args(["iterate", "--reference", "moving"]))
