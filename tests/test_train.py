@@ -259,7 +259,11 @@ def test_eval_command_reports_held_out_metrics(run_files, tmp_path, capsys):
     assert rc == 0
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["pairs"] == 6
-    assert 0 <= res["rewards/accuracies"] <= 1 and res["rewards/margins"] != 0
+    assert res["rewards/margins"] != 0
+    assert res["rewards/margins"] == pytest.approx(res["rewards/chosen"] - res["rewards/rejected"], abs=1e-6)
+    assert res["rewards/accuracies"] * 6 == pytest.approx(round(res["rewards/accuracies"] * 6))  # a share of 6 pairs
+    # the DPO loss is the mean of softplus(-margin_i), convex: never below softplus(-mean margin) (Jensen)
+    assert res["loss"] >= torch.nn.functional.softplus(torch.tensor(-res["rewards/margins"])).item() - 1e-6
     assert res["kl/sampled"] == res["kl/sampled"] and res["lengths/sampled"] > 0  # finite, sampled
     # the reference against itself: zero margins, zero KL
     rc = main(["eval", "--model", run_files["model"], "--ref-model", run_files["model"], "--data", run_files["eval"],
