@@ -221,3 +221,25 @@ def test_function_lengths_exclude_the_docstring_and_include_methods():
         "def f():\n    '''one\n    two'''\n    x = 1\n    return x\n"
         "class K:\n    async def m(self):\n        def inner():\n            pass\n        return 1\n")
     assert function_lengths(tree) == [("f", 3), ("K.m", 4), ("K.m.inner", 2)]
+
+
+# ------------------------------------------------------------------ the slow table
+
+def test_every_name_in_the_slow_table_is_a_test():
+    """conftest.SLOW names tests by module and function: a renamed or removed test must not
+    leave a stale entry behind (its successor would silently join the fast loop)."""
+    import conftest
+
+    tests_dir = Path(__file__).resolve().parent
+    stale = []
+    for module, names in conftest.SLOW.items():
+        path = tests_dir / module
+        if not path.is_file():
+            stale.append(f"{module}: no such file")
+            continue
+        defined = {n.name for n in ast.parse(path.read_text()).body
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test")}
+        assert defined, f"{module} defines no test"
+        stale += [f"{module}::{name}: no such test" for name in ([] if names == conftest.ALL else sorted(names))
+                  if name not in defined]
+    assert not stale, "\n".join(stale)
