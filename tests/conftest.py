@@ -69,6 +69,15 @@ SLOW = {
     "test_reward_errors.py": {"test_in_range_rewards_still_train"},
     "test_rewards.py": {"test_judge_is_antisymmetric_and_ties_are_half", "test_reward_model_scores_match_single_rows"},
     "test_safety.py": {"test_trust_remote_code_is_off_unless_asked"},
+    "test_rundir.py": {"test_a_bad_row_under_two_processes_is_one_line", "test_a_directory_of_another_tool_is_refused",
+                       "test_a_failed_final_save_leaves_the_previous_model_whole",
+                       "test_a_finished_run_continues_to_a_larger_max_steps_exactly",
+                       "test_a_running_run_holds_its_directory_and_sighup_stops_it_with_a_checkpoint",
+                       "test_overwrite_removes_the_replaced_runs_outputs", "test_rejects_are_written_once",
+                       "test_resume_from_another_runs_checkpoint_never_replaces_a_run",
+                       "test_resume_without_a_checkpoint_never_retrains_a_finished_run",
+                       "test_sigterm_during_the_final_save_finishes_it_and_says_so", "test_weights_files_follow_the_umask"},
+    "test_sft_kto_formats.py": {"test_eval_takes_kto_data", "test_sft_command_trains_on_messages"},
     "test_train.py": {"test_every_loss_trains"},
 }
 
