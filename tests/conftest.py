@@ -78,7 +78,14 @@ SLOW = {
                        "test_resume_without_a_checkpoint_never_retrains_a_finished_run",
                        "test_sigterm_during_the_final_save_finishes_it_and_says_so", "test_weights_files_follow_the_umask"},
     "test_sft_kto_formats.py": {"test_eval_takes_kto_data", "test_sft_command_trains_on_messages"},
-    "test_train.py": {"test_every_loss_trains"},
+    "test_step_one.py": ALL,  # every loss x reference x precision through a real step
+    "test_train.py": {"test_every_loss_trains", "test_accumulation_invariance", "test_kto_accumulation_invariance",
+                      "test_resume_equals_uninterrupted", "test_lora_trains_only_adapters_and_adapters_off_is_the_base",
+                      "test_precomputed_reference_equals_live", "test_packed_step_equals_padded_step",
+                      "test_sft_loop_lowers_nll", "test_cli_trains_and_the_model_reloads",
+                      "test_merged_lora_weights_reload_and_match_the_adapter",
+                      "test_eval_command_reports_held_out_metrics", "test_bf16_autocast_tracks_fp32",
+                      "test_tensorboard_logs_the_same_scalars"},
 }
 
 
