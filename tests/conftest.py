@@ -13,6 +13,7 @@ import pytest
 ALL = "*"  # every test of the module
 
 SLOW = {
+    # module: ALL or {test function, or "function[case id]" for one case of a parametrized test}
     # multi-process, FlexAttention, end to end, the real model: whole modules
     "test_distributed.py": ALL,
     "test_flex_attention.py": ALL,
@@ -79,6 +80,8 @@ SLOW = {
                        "test_sigterm_during_the_final_save_finishes_it_and_says_so", "test_weights_files_follow_the_umask"},
     "test_sft_kto_formats.py": {"test_eval_takes_kto_data", "test_sft_command_trains_on_messages"},
     "test_step_one.py": ALL,  # every loss x reference x precision through a real step
+    "test_validation.py": {"test_other_commands[demo --output a file]", "test_other_commands[generate --output a directory]",
+                           "test_train_yaml_refusals[deep nesting]"},
     "test_train.py": {"test_every_loss_trains", "test_accumulation_invariance", "test_kto_accumulation_invariance",
                       "test_resume_equals_uninterrupted", "test_lora_trains_only_adapters_and_adapters_off_is_the_base",
                       "test_precomputed_reference_equals_live", "test_packed_step_equals_padded_step",
@@ -89,12 +92,14 @@ SLOW = {
 }
 
 
-def is_slow(module, name):
+def is_slow(module, name, case=None):
+    """`name`: the test function; `case`: its name with the parameters' id, as in "f[id]"
+    (an entry may name one case of a parametrized test)."""
     names = SLOW.get(module, ())
-    return names == ALL or name in names
+    return names == ALL or name in names or case in names
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if is_slow(item.path.name, item.originalname):
+        if is_slow(item.path.name, item.originalname, item.name):
             item.add_marker(pytest.mark.slow)
