@@ -3,6 +3,7 @@
 import argparse
 
 import pytest
+import yaml
 
 from prefalign import config
 from prefalign.errors import UserError
@@ -20,8 +21,17 @@ def parse(argv, yaml_text=None, tmp_path=None):
 
 
 def test_every_field_is_a_flag_and_a_key(tmp_path):
+    p = argparse.ArgumentParser()
+    config.add_flags(p)
+    flags = {a.dest: a.option_strings for a in p._actions}
+    spelled = {"loss_params": "--loss-param"}  # repeated, one KEY=VALUE each
     for name in config.FIELDS:
-        assert name.replace("_", "-")  # flag spelling
+        flag = spelled.get(name, "--" + name.replace("_", "-"))
+        assert flag in flags.get(name, ()), f"{name}: no flag {flag}"
+    # every field as a YAML key: a file spelling out all of them reads back as the same config
+    defaults = parse([])
+    every_key = yaml.safe_dump({name: getattr(defaults, name) for name in config.FIELDS})
+    assert parse([], every_key, tmp_path) == defaults
     cfg = parse(["--max-steps", "7", "--no-packing"], "max_steps: 3\nbeta: 0.3\nlr_schedule: cosine\n", tmp_path)
     assert cfg.max_steps == 7  # the flag wins over the file
     assert cfg.beta == 0.3 and cfg.lr_schedule == "cosine" and cfg.packing is False

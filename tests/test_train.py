@@ -158,14 +158,49 @@ def test_packed_step_equals_padded_step(run_files, tmp_path):
     assert_same_weights(weights(tmp_path / "pad"), weights(tmp_path / "pack"), atol=1e-5)
 
 
+def assert_trend(values, sign, what):
+    """values moved in direction sign (+1 up, -1 down) from first to last by more than the
+    largest step-to-step move against it in the same run: the trend beats the run's own noise."""
+    steps = [sign * (b - a) for a, b in zip(values, values[1:])]
+    gain, worst_setback = sign * (values[-1] - values[0]), max([0.0] + [-d for d in steps])
+    assert gain > worst_setback, f"{what} did not move {'up' if sign > 0 else 'down'}: {values}"
+
+
+def margin_direction(spec, first):
+    """Which way gradient descent on the loss moves the chosen-minus-rejected margin from the
+    run's starting point: minus the sign of d loss / d margin there. Reference losses start at
+    logratios 0 (policy == reference); reference-free ones at the run's first mean log-probs.
+    Monotone losses give +1; DiscoPOP's log-ratio modulation gives -1 at margin 0 (with its
+    tau of 0.05 the mixing term's slope beats the logistic one), so it is not hard-coded."""
+    if spec.kind == "unpaired":
+        return 1  # KTO raises desirable rewards and lowers undesirable ones by construction
+    t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    if spec.needs_reference:
+        chosen = rejected = torch.zeros(1, dtype=torch.float64)
+        rest = [chosen, rejected]
+    else:
+        chosen, rejected = (torch.tensor([first[k]], dtype=torch.float64)
+                            for k in ("logps/chosen_mean", "logps/rejected_mean"))
+        rest = []
+    loss = spec.fn(chosen + t, rejected - t, *rest).losses.sum()
+    (slope,) = torch.autograd.grad(loss, t)
+    assert slope.item() != 0, f"{spec.name}: the loss is flat in the margin at the start"
+    return -1 if slope.item() > 0 else 1
+
+
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains(run_files, tmp_path, loss):
+    """A learnable toy: the same 4 pairs (8 KTO examples) in every step. The loss must go down
+    and the reward margin move the way the loss's own gradient says, beyond the run's noise."""
+    spec = LOSSES[loss]
     # packing on: KTO's unpaired rows and the pairs both go through the packed path
-    r = trainer.train(cfg_for(run_files, tmp_path / loss, loss=loss, max_steps=2, batch_size=4, save_model=False,
-                            packing=True))
-    assert len(r.history) == 2
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r.history)
-    if LOSSES[loss].kind == "paired":
+    r = trainer.train(cfg_for(run_files, tmp_path / loss, data=write_pairs(tmp_path / "four.jsonl", 4), loss=loss,
+                              max_steps=6, batch_size=8 if spec.kind == "unpaired" else 4, save_model=False,
+                              packing=True))
+    assert [h["step"] for h in r.history] == list(range(1, 7))
+    assert_trend([h["loss"] for h in r.history], -1, f"{loss}: loss")
+    assert_trend([h["rewards/margins"] for h in r.history], margin_direction(spec, r.history[0]), f"{loss}: margin")
+    if spec.kind == "paired":
         assert 0 <= r.history[-1]["rewards/accuracies"] <= 1
 
 
@@ -224,7 +259,11 @@ def test_eval_command_reports_held_out_metrics(run_files, tmp_path, capsys):
     assert rc == 0
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["pairs"] == 6
-    assert 0 <= res["rewards/accuracies"] <= 1 and res["rewards/margins"] != 0
+    assert res["rewards/margins"] != 0
+    assert res["rewards/margins"] == pytest.approx(res["rewards/chosen"] - res["rewards/rejected"], abs=1e-6)
+    assert res["rewards/accuracies"] * 6 == pytest.approx(round(res["rewards/accuracies"] * 6))  # a share of 6 pairs
+    # the DPO loss is the mean of softplus(-margin_i), convex: never below softplus(-mean margin) (Jensen)
+    assert res["loss"] >= torch.nn.functional.softplus(torch.tensor(-res["rewards/margins"])).item() - 1e-6
     assert res["kl/sampled"] == res["kl/sampled"] and res["lengths/sampled"] > 0  # finite, sampled
     # the reference against itself: zero margins, zero KL
     rc = main(["eval", "--model", run_files["model"], "--ref-model", run_files["model"], "--data", run_files["eval"],
