@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from prefalign import config, metrics, models, prepare
+from prefalign import cli, config, metrics, models, prepare
 from prefalign.cli import main
 from test_train import write_pairs
 from tiny import make_model, make_tokenizer
@@ -112,8 +112,11 @@ def test_loading_is_quiet_unless_verbose(files, capsys, monkeypatch):
         models.load_model(files["model"])
     assert not caught and "Loading weights" not in capsys.readouterr().err
     # -v (a top-level flag) shows them again.
+    seen = []
+    monkeypatch.setattr(cli, "cmd_losses", lambda args: seen.append(os.environ.get("PREFALIGN_VERBOSE")))
     assert main(["-v", "losses"]) == 0
-    assert os.environ["PREFALIGN_VERBOSE"] == "1"
+    assert seen == ["1"] and "PREFALIGN_VERBOSE" not in os.environ  # set for the command, put back after
+    monkeypatch.setenv("PREFALIGN_VERBOSE", "1")
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -321,14 +321,21 @@ def _report(e: UserError) -> None:
         print(f"prefalign: error: {e}", file=sys.stderr)
 
 
+_UNSET = object()
+
+
 def main(argv=None) -> int:
+    restore_verbose = _UNSET
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
         args.argv = argv  # for --num-processes, which runs the same command again on N processes
         if args.verbose:
-            os.environ["PREFALIGN_VERBOSE"] = "1"  # read where models load (models.verbose)
+            # Read where models load (models.verbose); an environment variable so that the processes
+            # of --num-processes inherit it; put back when main returns (main may be called in-process).
+            restore_verbose = os.environ.get("PREFALIGN_VERBOSE")
+            os.environ["PREFALIGN_VERBOSE"] = "1"
         elif args.command in ("train", "sft", "reward"):
             from prefalign.models import hide_known_warnings  # torch is loaded by these commands anyway
 
@@ -347,6 +354,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("prefalign: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if restore_verbose is not _UNSET:
+            if restore_verbose is None:
+                os.environ.pop("PREFALIGN_VERBOSE", None)
+            else:
+                os.environ["PREFALIGN_VERBOSE"] = restore_verbose
 
 
 if __name__ == "__main__":
