@@ -1,4 +1,5 @@
-"""prefalign.online.rewards: loading by import path, checks, verifiers, reward model, LM judge, combination."""
+"""prefalign.online.rewards: loading by import path, checks, verifiers, reward models (any classifier), LM judge,
+combination."""
 
 import math
 import sys
@@ -11,10 +12,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from prefalign.errors import UserError
-from prefalign.online.reward_models import PairwiseJudge, RewardModel
+from prefalign.online.reward_models import PairwiseJudge
 from prefalign.online.rewards import (
     Reward, combine, exact_answer, extract_answer, format_reward, load_reward, regex_reward,
 )
+from prefalign.reward_model import RewardModelScorer
 
 PROMPTS = ["2+2=", "3*3=", "what is 10/2?"]
 COMPLETIONS = ["4", "the answer is 9", "#### 5"]
@@ -185,27 +187,79 @@ def llama_config(tok, **kw):
                           pad_token_id=tok.pad_token_id, **kw)
 
 
+def own_logits(model, ids: list[int]) -> torch.Tensor:
+    """The classifier's own head output for one unpadded sequence."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def want_score(logits, label=None):
+    if label is not None:
+        return logits[label].item()
+    return (logits[0] if len(logits) == 1 else logits[1] - logits[0]).item()
+
+
+PROMPTS_4, COMPLETIONS_4 = PROMPTS + ["a"], COMPLETIONS + ["much longer completion than the others here"]
+
+
 @pytest.mark.parametrize("num_labels", [1, 2])
 def test_reward_model_scores_match_single_rows(tok, num_labels):
     torch.manual_seed(0)
     model = tf.LlamaForSequenceClassification(llama_config(tok, num_labels=num_labels)).eval()
-    rm = RewardModel(model, tok, batch_size=2)  # ragged lengths, several batches, sorted by length
-    prompts, comps = PROMPTS + ["a"], COMPLETIONS + ["much longer completion than the others here"]
-    got = rm(prompts, comps)
-    for p, c, g in zip(prompts, comps, got):
-        with torch.no_grad():
-            logits = model(torch.tensor([tok(p + c)["input_ids"]])).logits[0]
-        want = logits[0] if num_labels == 1 else logits[1] - logits[0]
-        assert g == pytest.approx(want.item(), abs=1e-5)
+    rm = RewardModelScorer(model, tok, batch_size=2)  # ragged lengths, several batches, sorted by length
+    got = rm(PROMPTS_4, COMPLETIONS_4)
+    for p, c, g in zip(PROMPTS_4, COMPLETIONS_4, got):
+        assert g == pytest.approx(want_score(own_logits(model, tok(p + c)["input_ids"])), abs=1e-5)
     assert len(set(got)) == 4
-    assert Reward("rm", rm)(prompts, comps) == got  # usable as a reward function as is
+    assert Reward("rm", rm)(PROMPTS_4, COMPLETIONS_4) == got  # usable as a reward function as is
 
 
 def test_reward_model_needs_label_index_for_many_labels(tok):
-    model = tf.LlamaForSequenceClassification(llama_config(tok, num_labels=3))
-    with pytest.raises(UserError, match="label_index"):
-        RewardModel(model, tok)
-    assert len(RewardModel(model, tok, label_index=2)(["a"], ["b"])) == 1
+    torch.manual_seed(0)
+    model = tf.LlamaForSequenceClassification(llama_config(tok, num_labels=3)).eval()
+    with pytest.raises(UserError, match=r"has 3 labels: .*#label=K.*label_index=K"):
+        RewardModelScorer(model, tok)
+    with pytest.raises(UserError, match="label 3 out of range"):
+        RewardModelScorer(model, tok, label_index=3)
+    got = RewardModelScorer(model, tok, label_index=2)(["a", "2+2="], ["b", "4 and more"])
+    assert got == pytest.approx([want_score(own_logits(model, tok(t)["input_ids"]), 2) for t in ("ab", "2+2=4 and more")],
+                                abs=1e-5)
+
+
+CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+
+
+@pytest.mark.parametrize("num_labels, chat, pad_set", [(1, False, True), (2, False, False), (3, True, True)])
+def test_rm_spec_on_a_plain_classifier_folder_scores_as_the_model(tok, tmp_path, num_labels, chat, pad_set):
+    """`rm:PATH` on any transformers classifier (not trained by prefalign): its chat template when its
+    tokenizer has one, else prompt + completion; the same scores as the model's own logits, one by one,
+    whatever the batches; pad_token_id set when the folder lacks it (the head pools the last non-pad)."""
+    torch.manual_seed(num_labels)
+    model = tf.LlamaForSequenceClassification(llama_config(tok, num_labels=num_labels)).eval()
+    folder = tmp_path / "clf"
+    model.config.pad_token_id = tok.pad_token_id if pad_set else None
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    saved_tok = tf.AutoTokenizer.from_pretrained(folder)
+    if chat:
+        saved_tok.chat_template = CHAT
+        saved_tok.save_pretrained(folder)
+    spec = f"rm:{folder}" + ("#label=1" if num_labels == 3 else "")
+    got = load_reward(spec)(PROMPTS_4, COMPLETIONS_4)
+    for p, c, g in zip(PROMPTS_4, COMPLETIONS_4, got):
+        text = f"<user>{p}<eos><assistant>{c}<eos>" if chat else p + c
+        want = want_score(own_logits(model, tok(text)["input_ids"]), 1 if num_labels == 3 else None)
+        assert g == pytest.approx(want, abs=1e-5)
+    assert len(set(got)) == 4
+    from prefalign.reward_model import load_scorer
+    assert load_scorer(spec[3:], batch_size=3)(PROMPTS_4, COMPLETIONS_4) == pytest.approx(got, abs=1e-5)
+    if num_labels == 3:  # the user's mistakes: one line naming the fix
+        for bad, match in ((f"rm:{folder}", r"has 3 labels: say which one is the score \(rm:PATH#label=K"),
+                           (f"rm:{folder}#label=7", "label 7 out of range"),
+                           (f"rm:{folder}#labels=1", "unknown option 'labels'"),
+                           (f"rm:{folder}#label=x", "takes a label number")):
+            with pytest.raises(UserError, match=match):
+                load_reward(bad)
 
 
 @pytest.fixture(scope="module")

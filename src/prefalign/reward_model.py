@@ -9,6 +9,9 @@ A sequence is tokenized exactly as training tokenized it (prefalign.data.tokeniz
 completion + EOS, truncation rules, chat template for conversational data). The settings that
 decides are stored in the model's config.json under `prefalign_reward`, which also marks the
 folder as a prefalign reward model for the `rm:PATH` reward spec.
+
+RewardModelScorer (the `rm:PATH` reward) is the one scorer of text by a sequence classifier: a
+prefalign reward model, tokenized as above, or any other transformers classifier (see its docstring).
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ def pad_id_of(model) -> int:
     return model.config.get_text_config().pad_token_id
 
 
-def sequence_scores(model, seqs: list[list[int]]) -> torch.Tensor:
-    """[N] fp32 scores of token sequences, one right-padded forward (gradients flow when enabled)."""
+def sequence_logits(model, seqs: list[list[int]]) -> torch.Tensor:
+    """[N, labels] fp32 head outputs of token sequences, one right-padded forward (gradients flow
+    when enabled). Right padding keeps every token at its natural position, and the pooled token
+    (the rightmost that is not pad_token_id) where it is when the sequence is alone."""
     pad = pad_id_of(model)
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -95,7 +100,12 @@ def sequence_scores(model, seqs: list[list[int]]) -> torch.Tensor:
         ids[r, :len(s)] = torch.tensor(s)
         attn[r, :len(s)] = 1
     device = next(model.parameters()).device
-    return model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, 0].float()
+    return model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+
+
+def sequence_scores(model, seqs: list[list[int]]) -> torch.Tensor:
+    """[N] fp32 scores of a one-output reward model (the one `prefalign reward` trains)."""
+    return sequence_logits(model, seqs)[:, 0]
 
 
 def pair_scores(model, items) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,36 +131,54 @@ def save(model, tokenizer, path: str, settings: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring text: the `rm:PATH` reward
+# Scoring text: the `rm:PATH` reward, for any sequence classifier
+
+
+def score_of(logits: torch.Tensor, label_index: int | None) -> torch.Tensor:
+    """[N] scores from [N, labels] head outputs: the named label when one is given, else the one
+    output, else with 2 labels the log-odds of "good" (label 1 over label 0)."""
+    if label_index is not None:
+        return logits[:, label_index]
+    if logits.shape[-1] == 1:
+        return logits[:, 0]
+    return logits[:, 1] - logits[:, 0]
+
+
+def check_label(num_labels: int, label_index: int | None, where: str) -> None:
+    if label_index is None and num_labels > 2:
+        raise UserError(f"{where} has {num_labels} labels: say which one is the score "
+                        f"(rm:PATH#label=K as a reward spec, label_index=K in Python, K from 0 to {num_labels - 1})")
+    if label_index is not None and not 0 <= label_index < num_labels:
+        raise UserError(f"{where}: label {label_index} out of range; it has {num_labels} labels (0 to {num_labels - 1})")
 
 
 class RewardModelScorer:
-    """reward(prompts, completions) -> scores of a trained reward model, batched, under no_grad.
+    """reward(prompts, completions) -> scores of a sequence classifier, batched by length, under no_grad.
 
-    The text is tokenized as the reward model's training data was: a plain prompt + completion,
-    or, when it trained on conversations, (user: prompt, assistant: completion) through its
-    tokenizer's chat template."""
+    `settings` are those `prefalign reward` records (config.json, `prefalign_reward`): the text is
+    then tokenized exactly as the training pairs were (prompt + completion + EOS, through the chat
+    template when it trained on conversations). Without them (any other classifier), the text is
+    the tokenizer's chat template over (user: prompt, assistant: completion) when it has one, else
+    prompt + completion with the tokenizer's own special tokens, cut at `max_length` if given.
+    The score: see score_of; a head of more than 2 labels needs `label_index`.
+    """
 
-    def __init__(self, model, tokenizer, settings: dict, batch_size: int = 16, name: str = "reward_model"):
+    def __init__(self, model, tokenizer, settings: dict | None = None, batch_size: int = 16,
+                 name: str = "reward_model", label_index: int | None = None, max_length: int | None = None):
+        check_label(model.config.num_labels, label_index, "reward model")
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-        self.chat = bool(settings.get("chat"))
-        self.max_length = int(settings.get("max_length") or 1024)
-        self.max_prompt_length = int(settings.get("max_prompt_length") or self.max_length // 2)
+        self.settings, self.label_index, self.max_length = settings, label_index, max_length
+        self.chat = bool(settings.get("chat")) if settings else bool(getattr(tokenizer, "chat_template", None))
+        text_config = model.config.get_text_config()
+        if text_config.pad_token_id is None:  # the head pools the last token that is not pad: it must be set
+            fallback = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            text_config.pad_token_id = model.config.pad_token_id = fallback or 0
         self.__name__ = name
 
     def tokenize(self, prompts: list[str], completions: list[str]) -> list[list[int]]:
-        from prefalign.data.formats import UnpairedExample
-        from prefalign.data.tokenize import tokenize_examples
-
-        def msg(role, text):
-            return [{"role": role, "content": text}] if self.chat else text
-
-        examples = [UnpairedExample(msg("user", p), msg("assistant", c), True, "completion", i + 1)
-                    for i, (p, c) in enumerate(zip(prompts, completions))]
-        # Generated text may not split at the prompt boundary as the data did: score it anyway.
-        items = tokenize_examples(examples, self.tokenizer, self.max_length, self.max_prompt_length,
-                                  allow_boundary_mismatch=True).items
-        return [it.prompt_ids + it.completion_ids for it in items]
+        if self.settings is not None:
+            return trained_tokens(self.tokenizer, self.settings, prompts, completions)
+        return plain_tokens(self.tokenizer, self.chat, self.max_length, prompts, completions)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
@@ -159,30 +187,86 @@ class RewardModelScorer:
         scores = [0.0] * len(seqs)
         for lo in range(0, len(order), self.batch_size):
             idx = order[lo:lo + self.batch_size]
-            for i, v in zip(idx, sequence_scores(self.model, [seqs[i] for i in idx]).tolist()):
+            logits = sequence_logits(self.model, [seqs[i] for i in idx])
+            for i, v in zip(idx, score_of(logits, self.label_index).tolist()):
                 scores[i] = v
         return scores
 
 
-def load_scorer(path: str, batch_size: int = 16) -> RewardModelScorer:
-    """The `rm:PATH` reward: a folder written by `prefalign reward` (OUTPUT/model)."""
+def trained_tokens(tokenizer, settings: dict, prompts, completions) -> list[list[int]]:
+    """The tokens `prefalign reward` trained on: prefalign.data.tokenize with the recorded settings."""
+    from prefalign.data.formats import UnpairedExample
+    from prefalign.data.tokenize import tokenize_examples
+
+    chat = bool(settings.get("chat"))
+    max_length = int(settings.get("max_length") or 1024)
+    max_prompt_length = int(settings.get("max_prompt_length") or max_length // 2)
+
+    def msg(role, text):
+        return [{"role": role, "content": text}] if chat else text
+
+    examples = [UnpairedExample(msg("user", p), msg("assistant", c), True, "completion", i + 1)
+                for i, (p, c) in enumerate(zip(prompts, completions))]
+    # Generated text may not split at the prompt boundary as the data did: score it anyway.
+    items = tokenize_examples(examples, tokenizer, max_length, max_prompt_length,
+                              allow_boundary_mismatch=True).items
+    return [it.prompt_ids + it.completion_ids for it in items]
+
+
+def plain_tokens(tokenizer, chat: bool, max_length: int | None, prompts, completions) -> list[list[int]]:
+    """Any other classifier's tokens: its chat template (which places its own special tokens), else
+    prompt + completion with the tokenizer's special tokens, as such models are usually trained."""
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                                               tokenize=False) for p, c in zip(prompts, completions)]
+    else:
+        texts = [p + c for p, c in zip(prompts, completions)]
+    return tokenizer(texts, add_special_tokens=not chat, truncation=max_length is not None,
+                     max_length=max_length)["input_ids"]
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """`PATH` or `PATH#label=K` -> (PATH, K or None). A '#' not followed by an option stays in the path."""
+    path, sep, option = spec.rpartition("#")
+    if not sep or "=" not in option:
+        return spec, None
+    key, _, value = option.partition("=")
+    if key.strip() != "label":
+        raise UserError(f"reward model rm:{spec}: unknown option {key.strip()!r} (the one option is #label=K)")
+    try:
+        return path, int(value)
+    except ValueError:
+        raise UserError(f"reward model rm:{spec}: #label= takes a label number, got {value!r}") from None
+
+
+def is_classifier(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def load_scorer(spec: str, batch_size: int = 16) -> RewardModelScorer:
+    """The `rm:PATH[#label=K]` reward: a folder written by `prefalign reward` (OUTPUT/model), or any
+    transformers sequence-classification model folder (config.json, weights, tokenizer)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    path, label_index = parse_spec(spec)
     where = f"reward model rm:{path}"
     folder = os.path.expanduser(path)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         found = "no such directory" if not os.path.isdir(folder) else "no config.json in it"
-        raise UserError(f"{where}: {found}; give the model folder `prefalign reward` wrote (OUTPUT/model)")
+        raise UserError(f"{where}: {found}; give the model folder `prefalign reward` wrote (OUTPUT/model) "
+                        f"or a sequence-classification model's folder")
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: unreadable config.json ({str(e).splitlines()[0][:120]})") from None
     settings = getattr(config, CONFIG_KEY, None)
-    if not isinstance(settings, dict) or getattr(config, "num_labels", None) != 1:
+    settings = settings if isinstance(settings, dict) and config.num_labels == 1 else None
+    if settings is None and not is_classifier(config):
         kind = ", ".join(config.architectures or []) or config.model_type
         raise UserError(f"{where}: not a reward model ({kind}); train one with `prefalign reward` and give "
-                        f"its OUTPUT/model")
-    tokenizer = models.load_tokenizer(folder)
+                        f"its OUTPUT/model, or give an AutoModelForSequenceClassification folder")
+    check_label(config.num_labels, label_index, where)
+    tokenizer = models.load_tokenizer(folder) if settings is not None else plain_tokenizer(folder, where)
     try:
         with models.quiet_third_party():
             model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
@@ -190,4 +274,18 @@ def load_scorer(path: str, batch_size: int = 16) -> RewardModelScorer:
         raise UserError(f"{where}: could not load it ({str(e).splitlines()[0][:120]})") from None
     if torch.cuda.is_available():  # beside the policy being trained, not on the host
         model.to("cuda")
-    return RewardModelScorer(model, tokenizer, settings, batch_size, name=f"rm:{path}")
+    # Positions beyond the model's reach would fail (or mean nothing): cut there.
+    reach = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return RewardModelScorer(model, tokenizer, settings, batch_size, name=f"rm:{spec}",
+                             label_index=label_index, max_length=reach)
+
+
+def plain_tokenizer(folder: str, where: str):
+    """Any classifier's tokenizer as it is: no EOS needed (prompt + completion gets none appended)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with models.quiet_third_party():
+            return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: could not load its tokenizer ({str(e).splitlines()[0][:120]})") from None

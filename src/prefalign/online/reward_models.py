@@ -1,9 +1,9 @@
-"""Model-based rewards: a reward model (sequence classifier) and a pairwise LM judge.
+"""A pairwise LM judge (AI feedback): an LM asked which of two completions is better.
 
-    rm = RewardModel(model, tokenizer)         # a reward function itself: the value at the last token
     judge = PairwiseJudge(model, tokenizer)    # P(A better than B) from both orders; judge.as_reward()
 
-The function rewards, their checks and the loader are in online.rewards.
+Reward models (any sequence classifier, `rm:PATH`) are prefalign.reward_model.RewardModelScorer;
+the function rewards, their checks and the loader are in online.rewards.
 """
 
 from __future__ import annotations
@@ -17,80 +17,8 @@ from prefalign.errors import UserError
 from prefalign.online.rewards import RewardFn
 
 
-# ----------------------------------------------------------------------------------------------
-# Reward model
-
-
 def _device(model):
     return next(model.parameters()).device
-
-
-class RewardModel:
-    """Scores from an `AutoModelForSequenceClassification` (the value at the last token).
-
-    score = logits[:, 0] when the head has 1 label, logits[:, 1] - logits[:, 0] (the log-odds of
-    "good") when it has 2, logits[:, label_index] otherwise. The text is the tokenizer's chat
-    template over (user: prompt, assistant: completion) when it has one, else prompt + completion.
-    """
-
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
-                 label_index: int | None = None, use_chat_template: bool | None = None):
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
-        n_labels = model.config.num_labels
-        if label_index is None and n_labels > 2:
-            raise UserError(f"reward model has {n_labels} labels: say which one is the score (label_index)")
-        self.label_index = label_index
-        self.use_chat_template = bool(getattr(tokenizer, "chat_template", None)) if use_chat_template is None else use_chat_template
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        # HF's classification head pools the last token that is not pad_token_id: it must be set.
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = self.pad_id
-        self.pad_id = model.config.pad_token_id
-        self.__name__ = "reward_model"
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "RewardModel":
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForSequenceClassification.from_pretrained(path)
-        except OSError as e:
-            raise UserError(f"reward model {path!r} could not be loaded: {e}") from e
-        return cls(model, tok, **kwargs)
-
-    def _text(self, prompt: str, completion: str) -> str:
-        if self.use_chat_template:
-            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False)
-        return prompt + completion
-
-    @torch.inference_mode()
-    def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
-        texts = [self._text(p, c) for p, c in zip(prompts, completions)]
-        enc = self.tokenizer(texts, add_special_tokens=not self.use_chat_template,
-                             truncation=self.max_length is not None, max_length=self.max_length)["input_ids"]
-        order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # similar lengths share a batch
-        scores = [0.0] * len(enc)
-        device = _device(self.model)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            L = max(len(enc[i]) for i in idx)
-            ids = torch.full((len(idx), L), self.pad_id, dtype=torch.long)  # right padding: natural positions
-            attn = torch.zeros((len(idx), L), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, :len(enc[i])] = torch.tensor(enc[i])
-                attn[r, :len(enc[i])] = 1
-            logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()  # [b, labels]
-            if self.label_index is not None:
-                s_ = logits[:, self.label_index]
-            elif logits.shape[-1] == 1:
-                s_ = logits[:, 0]
-            else:
-                s_ = logits[:, 1] - logits[:, 0]
-            for r, i in enumerate(idx):
-                scores[i] = float(s_[r])
-        return scores
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Reward functions and verifiers for the online methods: loading, checking, combining.
-(Reward models and the LM judge: online.reward_models.)
+(Reward models: prefalign.reward_model; the LM judge: online.reward_models.)
 
 Every reward is called the same way, on a batch:
 
@@ -20,7 +20,8 @@ Built-in specs for `load_reward`:
     format              1 if the completion is "<think>...</think> <answer>...</answer>"
     format=PATTERN      1 if the whole (stripped) completion matches PATTERN
     regex=PATTERN       1 if PATTERN occurs anywhere in the completion
-    rm:PATH             the score of a reward model trained by `prefalign reward` (PATH = its OUTPUT/model)
+    rm:PATH             the score of a reward model: `prefalign reward`'s OUTPUT/model or any
+                        sequence-classification model folder (rm:PATH#label=K picks one of > 2 labels)
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def load_reward(spec: str, weight: float = 1.0) -> "Reward":
     spec = spec.strip()
     if spec in BUILTINS:
         return Reward(spec, BUILTINS[spec], weight)
-    if spec.startswith("rm:"):  # a reward model trained by `prefalign reward`
+    if spec.startswith("rm:"):  # a reward model: a sequence classifier's folder
         from prefalign.reward_model import load_scorer
 
         return Reward(spec, load_scorer(spec[3:]), weight)
