@@ -4,6 +4,7 @@ The loss against hand-derived values and a naive reference (forward and backward
 accuracy on the demo task's kind of pairs; the saved folder loads with
 AutoModelForSequenceClassification and scores the same; a resumed run ends with exactly the
 weights of an uninterrupted one; `rm:PATH` scores as the model does, and drives a GRPO run.
+(`rm:PATH` on classifiers not trained by prefalign: tests/test_rewards.py.)
 """
 
 import json
@@ -249,8 +250,10 @@ def test_rm_spec_scores_as_the_model_does(run_files, trained_rm):  # noqa: F811
 
 
 def test_rm_spec_refuses_what_is_not_a_reward_model(run_files, tmp_path):  # noqa: F811
-    with pytest.raises(UserError, match=r"rm:.*not a reward model \(LlamaForCausalLM\)"):
+    with pytest.raises(UserError, match=r"rm:.*not a reward model \(LlamaForCausalLM\)") as e:
         load_reward(f"rm:{run_files['model']}")
+    assert "\n" not in str(e.value) and "`prefalign reward`" in str(e.value)  # one line, naming the fixes
+    assert "AutoModelForSequenceClassification folder" in str(e.value)
     with pytest.raises(UserError, match="no such directory"):
         load_reward(f"rm:{tmp_path / 'nothing'}")
 
