@@ -16,7 +16,7 @@ from prefalign.online.reward_models import PairwiseJudge
 from prefalign.online.rewards import (
     Reward, combine, exact_answer, extract_answer, format_reward, load_reward, regex_reward,
 )
-from prefalign.reward_model import RewardModelScorer
+from prefalign.reward_model import RewardModelScorer, load_scorer
 
 PROMPTS = ["2+2=", "3*3=", "what is 10/2?"]
 COMPLETIONS = ["4", "the answer is 9", "#### 5"]
@@ -212,6 +212,7 @@ def test_reward_model_scores_match_single_rows(tok, num_labels):
         assert g == pytest.approx(want_score(own_logits(model, tok(p + c)["input_ids"])), abs=1e-5)
     assert len(set(got)) == 4
     assert Reward("rm", rm)(PROMPTS_4, COMPLETIONS_4) == got  # usable as a reward function as is
+    assert rm([], []) == []
 
 
 def test_reward_model_needs_label_index_for_many_labels(tok):
@@ -222,8 +223,8 @@ def test_reward_model_needs_label_index_for_many_labels(tok):
     with pytest.raises(UserError, match="label 3 out of range"):
         RewardModelScorer(model, tok, label_index=3)
     got = RewardModelScorer(model, tok, label_index=2)(["a", "2+2="], ["b", "4 and more"])
-    assert got == pytest.approx([want_score(own_logits(model, tok(t)["input_ids"]), 2) for t in ("ab", "2+2=4 and more")],
-                                abs=1e-5)
+    want = [want_score(own_logits(model, tok(t)["input_ids"]), 2) for t in ("ab", "2+2=4 and more")]
+    assert got == pytest.approx(want, abs=1e-5)
 
 
 CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
@@ -251,7 +252,6 @@ def test_rm_spec_on_a_plain_classifier_folder_scores_as_the_model(tok, tmp_path,
         want = want_score(own_logits(model, tok(text)["input_ids"]), 1 if num_labels == 3 else None)
         assert g == pytest.approx(want, abs=1e-5)
     assert len(set(got)) == 4
-    from prefalign.reward_model import load_scorer
     assert load_scorer(spec[3:], batch_size=3)(PROMPTS_4, COMPLETIONS_4) == pytest.approx(got, abs=1e-5)
     if num_labels == 3:  # the user's mistakes: one line naming the fix
         for bad, match in ((f"rm:{folder}", r"has 3 labels: say which one is the score \(rm:PATH#label=K"),

@@ -149,7 +149,8 @@ def check_label(num_labels: int, label_index: int | None, where: str) -> None:
         raise UserError(f"{where} has {num_labels} labels: say which one is the score "
                         f"(rm:PATH#label=K as a reward spec, label_index=K in Python, K from 0 to {num_labels - 1})")
     if label_index is not None and not 0 <= label_index < num_labels:
-        raise UserError(f"{where}: label {label_index} out of range; it has {num_labels} labels (0 to {num_labels - 1})")
+        raise UserError(f"{where}: label {label_index} out of range; it has {num_labels} labels "
+                        f"(0 to {num_labels - 1})")
 
 
 class RewardModelScorer:
@@ -182,6 +183,8 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
+        if not len(completions):  # tokenizers fail on an empty batch
+            return []
         seqs = self.tokenize(list(prompts), list(completions))
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
         scores = [0.0] * len(seqs)
