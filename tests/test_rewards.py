@@ -262,6 +262,22 @@ def test_rm_spec_on_a_plain_classifier_folder_scores_as_the_model(tok, tmp_path,
                 load_reward(bad)
 
 
+def test_ppo_value_model_from_a_many_label_classifier_starts_at_zero(tok, tmp_path):
+    """PPO's value model starts from the first rm:PATH reward's folder: PATH without its #label=K, the
+    body kept, and a 3-label head (no value head) replaced by a zero one."""
+    from prefalign.online.value import build_value_model, value_source
+
+    torch.manual_seed(0)
+    clf = tf.LlamaForSequenceClassification(llama_config(tok, num_labels=3))
+    clf.save_pretrained(tmp_path / "clf")
+    source = value_source("", ["format", f"rm:{tmp_path / 'clf'}#label=2"])
+    assert source == str(tmp_path / "clf")
+    policy = tf.LlamaForCausalLM(llama_config(tok))
+    value = build_value_model(source, policy, tok)
+    assert torch.all(value.head.weight == 0)
+    torch.testing.assert_close(value.body.embed_tokens.weight, clf.model.embed_tokens.weight)
+
+
 @pytest.fixture(scope="module")
 def judge(tok):
     torch.manual_seed(1)

@@ -57,7 +57,9 @@ def value_source(value_model: str, rewards: list) -> str:
     """Where the value model starts: --value-model, else the first rm:PATH reward's model, else ''."""
     if value_model:
         return value_model
-    return next((r[3:] for r in rewards if isinstance(r, str) and r.startswith("rm:")), "")
+    from prefalign.reward_model import parse_spec  # rm:PATH#label=K: the folder is PATH
+
+    return next((parse_spec(r[3:])[0] for r in rewards if isinstance(r, str) and r.startswith("rm:")), "")
 
 
 def build_value_model(source: str, policy, tokenizer) -> ValueModel:
@@ -73,13 +75,15 @@ def build_value_model(source: str, policy, tokenizer) -> ValueModel:
     models._check_source(source, "value model")
     try:
         with models.quiet_third_party():
-            model, info = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
-                                                                             output_loading_info=True)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=1, output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError) as e:
         raise UserError(f"value model {source}: cannot be loaded ({str(e).splitlines()[0]})") from None
     models.check_vocab(tokenizer, model, source)
     head = getattr(model, "score", None)
-    trained = isinstance(head, nn.Linear) and not any(k.startswith("score.") for k in info.get("missing_keys", []))
+    # A head of other than one output (a classifier of 2+ labels) is no value head: start it at zero.
+    fresh = list(info.get("missing_keys", [])) + [k[0] for k in info.get("mismatched_keys", [])]
+    trained = isinstance(head, nn.Linear) and not any(k.startswith("score.") for k in fresh)
     if trained and head.bias is None:  # HF's score heads have no bias; ours may learn an offset
         new = nn.Linear(head.in_features, 1, dtype=head.weight.dtype)
         with torch.no_grad():
