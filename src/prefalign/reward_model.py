@@ -169,7 +169,8 @@ class RewardModelScorer:
         check_label(model.config.num_labels, label_index, "reward model")
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.settings, self.label_index, self.max_length = settings, label_index, max_length
-        self.chat = bool(settings.get("chat")) if settings else bool(getattr(tokenizer, "chat_template", None))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.chat = bool(settings.get("chat")) if settings is not None else has_template
         text_config = model.config.get_text_config()
         if text_config.pad_token_id is None:  # the head pools the last token that is not pad: it must be set
             fallback = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
