@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from prefalign import checkpoint, fingerprint, hardware, models, monitor, objective, prepare, rundir, sharding
+from prefalign import checkpoint, fingerprint, hardware, models, monitor, objective, optim, prepare, rundir, sharding
 from prefalign.config import TrainConfig, to_dict
 from prefalign.errors import UserError
 from prefalign.logprobs import language_model
@@ -326,8 +326,7 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
     lm = language_model(s.policy)
     ac = prepare.autocast(cfg, device)
     params = [p for p in s.policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
+    opt = optim.adamw(params, cfg)
     total = total_steps(cfg, len(s.items), world)
     per_step = cfg.batch_size * cfg.grad_accum * world
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
