@@ -118,12 +118,15 @@ def run_pair(workdir, name, model_dir, data, *, batch, max_length, precision, wa
     runs = {t: [] for t in tools}
     for rep in range(repeats):
         for tool in (tools if rep % 2 == 0 else tools[::-1]):
+            worker = "trl" if tool == "trl" else "prefalign"
             spec = dict(model=model_dir, data=data, output=os.path.join(workdir, f"run-{name}-{tool}"),
                         batch_size=batch, lr=1e-5, beta=0.1, max_length=max_length, steps=warmup + steps,
                         precision=precision, seed=0, reference="copy", order=order, max_prompt_length=max_length - 1,
-                        warmup=warmup, cuda=cuda)
+                        warmup=warmup, cuda=cuda, profile=worker_script is not None,
+                        baseline=tool == "prefalign-base")
             t = time.perf_counter()
-            res = shared.run_worker(tool, spec, script=worker_script)
+            script = os.path.abspath(__file__) if (worker_script or tool == "prefalign-base") else None
+            res = shared.run_worker(worker, spec, script=script)
             s = shared.summarize(res, warmup, batch, order, 1, True, tokens)
             s["cuda_peak_mb"] = res.get("cuda_peak_mb")
             if "profile" in res:
@@ -136,7 +139,11 @@ def run_pair(workdir, name, model_dir, data, *, batch, max_length, precision, wa
     out = {"name": name, "batch": batch, "max_length": max_length, "precision": precision,
            "mean_tokens_per_pair": sum(tokens) / len(tokens), **best,
            "repeats": {t: [s["pairs_per_s"] for s in r] for t, r in runs.items()}}
-    if len(tools) == 2:
+    if "prefalign-base" in best:
+        out["fast_paths_speedup"] = best["prefalign"]["pairs_per_s"] / best["prefalign-base"]["pairs_per_s"]
+        print(f"  [{name}] prefalign with / without the issue-16 fast paths: {out['fast_paths_speedup']:.2f}x",
+              flush=True)
+    if "trl" in best:
         p, t = best["prefalign"], best["trl"]
         out["ratios"] = {"pairs_per_s": p["pairs_per_s"] / t["pairs_per_s"],
                          "peak_rss": p["peak_rss_mb"] / t["peak_rss_mb"]}
@@ -201,8 +208,8 @@ def have_trl() -> bool:
 
 def suite_compare(args):
     out = _header(args)
-    tools = ("trl", "prefalign") if have_trl() else ("prefalign",)
-    if len(tools) == 1:
+    tools = (("trl", "prefalign") if have_trl() else ("prefalign",)) + (("prefalign-base",) if args.ab else ())
+    if "trl" not in tools:
         print("TRL is not importable (set TRL_PYTHON to a Python that has trl 1.16): prefalign alone", flush=True)
     precisions = ["fp32"] + ([out["fastest_exact_precision"]] if out["fastest_exact_precision"] != "fp32" else [])
     if args.precisions:
@@ -314,12 +321,20 @@ def print_table(rows):
 
 
 def profile_worker(tool, spec):
+    """A worker of dpo_vs_trl, with the step profile's hooks (spec "profile") and/or prefalign's
+    issue-16 fast paths off (spec "baseline": one masked SDPA call per row, per-tensor AdamW)."""
     import step_profile
 
-    step_profile.install(tool)
+    if spec.get("baseline"):
+        from prefalign import optim, segment_attention
+
+        segment_attention.ENABLED = False
+        optim.fusable = lambda params: False
+    if spec.get("profile"):
+        step_profile.install(tool)
     res = (shared.worker_trl if tool == "trl" else shared.worker_prefalign)(spec)
-    warmup = spec["warmup"] if "warmup" in spec else 1
-    res["profile"] = step_profile.buckets(res["stamps"][warmup], res["stamps"][-1])
+    if spec.get("profile"):
+        res["profile"] = step_profile.buckets(res["stamps"][spec["warmup"]], res["stamps"][-1])
     return res
 
 
@@ -338,6 +353,7 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--batch", type=int, default=2, help="batch of the max-length sweep")
     ap.add_argument("--workdir", default="/tmp/prefalign-bench-real-shapes")
+    ap.add_argument("--ab", action="store_true", help="also prefalign without the issue-16 fast paths")
     ap.add_argument("--cuda", action="store_true", help="both tools on the GPU (bench/gpu_check.sh)")
     ap.add_argument("--out", default="", help="the JSON file to write (default bench/results/real_shapes_SUITE.json)")
     ap.add_argument("--worker", choices=["trl", "prefalign"], help=argparse.SUPPRESS)

@@ -199,3 +199,13 @@ def test_qlora_packed_step_on_cuda(tmp_path):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert torch.isfinite(out).all()
+
+
+def test_cpu_default_is_one_masked_call_per_row():
+    # measured slower on CPU (see segment_attention.ENABLED): by default a CPU model keeps the masked rows
+    model = tiny_lm("llama")
+    packed = pack_pairs(pairs(SHAPES), 40)
+    assert segment_attention.ENABLED is None
+    with CountCalls() as counted:
+        packed_logps(model, packed)
+    assert counted.calls == [tuple(packed.input_ids.shape[:1]) + (4, packed.input_ids.shape[1], 8)] * 2

@@ -19,7 +19,7 @@ Mechanism: while `by_segment(model, packed)` is active, transformers' "sdpa" ent
 attention registry points at a dispatcher that splits the call when the query is the active
 packed batch's [R, H, L, D] and otherwise (another model, dropout, a recompute under gradient
 checkpointing after the context ended) calls the original SDPA with the full mask, which is
-still passed. `ENABLED = False` turns it off (the benchmarks' A/B runs).
+still passed. It is on for CUDA only by default (see ENABLED).
 """
 
 from __future__ import annotations
@@ -92,7 +92,11 @@ def _runs(seg: list[int], br: list[int]) -> list[tuple[int, int, int, int]]:
 _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("prefalign_segment_layout", default=None)
 
 
-ENABLED = True  # False: every packed forward uses the one masked SDPA call per row (A/B benchmarks)
+# None (auto): on CUDA only. On CPU (torch 2.13, AVX512 EPYC) the split measured slower: the CPU
+# SDPA kernels' time does not follow the score count at these lengths (a causal 300-token call cost
+# half of a 900-token one, not a ninth), so more, smaller calls lose (bench/segment_attention.py:
+# 0.26x on 4 UltraFeedback-like pairs, SmolLM2's heads). True / False force it (tests, A/B runs).
+ENABLED: bool | None = None
 
 
 def _shifted_mask(layout: Layout, shift: int, n: int, device) -> Tensor:
@@ -142,7 +146,8 @@ def _dispatcher(original):
 def by_segment(model, packed):
     """Within: the model's SDPA attention over `packed`'s rows runs segment by segment."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if impl != "sdpa" or not ENABLED:
+    on = ENABLED if ENABLED is not None else next(model.parameters()).device.type == "cuda"
+    if impl != "sdpa" or not on:
         yield
         return
     from transformers.modeling_utils import AttentionInterface
