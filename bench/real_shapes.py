@@ -266,8 +266,6 @@ def _fixed_data(workdir, total, n):
     path = os.path.join(workdir, f"pairs-fixed{total}-{n}.jsonl")
     if os.path.isfile(path):
         return path
-    from transformers import AutoTokenizer  # noqa: F401
-
     words = shared.random_words(3000, 0)
     tok = _tokenizer(workdir)
     rng = random.Random(total)
@@ -304,7 +302,8 @@ def print_profile(row):
     steps = {t: row[t]["timed_steps"] for t in ("trl", "prefalign")}
     for k in step_profile.ORDER + ("total",):
         t, p = row["trl"]["profile"][k] / steps["trl"], row["prefalign"]["profile"][k] / steps["prefalign"]
-        tt, pt = row["trl"]["profile"]["total"] / steps["trl"], row["prefalign"]["profile"]["total"] / steps["prefalign"]
+        tt = row["trl"]["profile"]["total"] / steps["trl"]
+        pt = row["prefalign"]["profile"]["total"] / steps["prefalign"]
         print(f"{k:12s} {t:8.2f} {p:10.2f} {100 * t / tt:5.0f}% {100 * p / pt:5.0f}%")
 
 

@@ -77,7 +77,8 @@ def main():
     work_split = sum(len(p.prompt_ids + p.chosen_ids) ** 2 / 2 + len(p.rejected_ids) * (len(p.prompt_ids) + len(
         p.rejected_ids) / 2) for p in pairs)
     print(f"{args.pairs} pairs ({args.kind}), segments {seg_lens} -> rows {R} x {L}; threads {torch.get_num_threads()}")
-    print(f"SDPA fwd+bwd per layer: masked rows {1e3 * med['masked']:.1f} ms, by segment {1e3 * med['segments']:.1f} ms "
+    print(f"SDPA fwd+bwd per layer: masked rows {1e3 * med['masked']:.1f} ms, "
+          f"by segment {1e3 * med['segments']:.1f} ms "
           f"({med['masked'] / med['segments']:.2f}x); score entries {work_masked} vs ~{math.ceil(work_split)} "
           f"({work_masked / work_split:.1f}x fewer); max |diff| {err:.1e}")
 
