@@ -9,7 +9,8 @@
 #    the step-1 / bf16 tests, which run on the GPU there.
 # 2. A short prefalign-vs-TRL comparison on the SmolLM2-135M shape (30 layers, random weights),
 #    UltraFeedback-like lengths, SDPA (flash) attention, fp32 and bf16: pairs/s, tokens/s, peak
-#    CUDA memory, step-1 loss.
+#    CUDA memory, step-1 loss; and prefalign without its issue-16 fast paths (--ab: segment
+#    attention, fused AdamW) to measure them on the GPU.
 # Everything lands in one JSON file. On a machine without CUDA it exits 3 with one line.
 set -u
 cd "$(dirname "$0")/.."
@@ -40,7 +41,7 @@ TESTS_RC=$?
 tail -5 "$TMP/tests.log"
 
 # 2. the comparison (3 minutes at most; TRL from $TRL_PYTHON when set)
-timeout 180 "$PY" bench/real_shapes.py compare --cuda --only smollm2/ultrafeedback --precisions fp32,bf16 \
+timeout 180 "$PY" bench/real_shapes.py compare --cuda --ab --only smollm2/ultrafeedback --precisions fp32,bf16 \
     --warmup 1 --steps 3 --workdir "$TMP/bench" --out "$TMP/compare.json" >"$TMP/compare.log" 2>&1
 BENCH_RC=$?
 tail -8 "$TMP/compare.log"
