@@ -30,18 +30,18 @@ mkdir -p "$(dirname "$OUT")"
 TMP=$(mktemp -d)
 START=$(date +%s)
 
-# bitsandbytes for the QLoRA test: optional, 60 s at most (an offline machine simply skips it)
-timeout 60 "$PY" -m pip install -q bitsandbytes >"$TMP/bnb.log" 2>&1 || echo "bitsandbytes not installed: QLoRA test skips"
+# bitsandbytes for the QLoRA test: optional, 45 s at most (an offline machine simply skips it)
+timeout 45 "$PY" -m pip install -q bitsandbytes >"$TMP/bnb.log" 2>&1 || echo "bitsandbytes not installed: QLoRA test skips"
 
-# 1. the CUDA-only tests (4 minutes at most)
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs --junitxml="$TMP/tests.xml" \
+# 1. the CUDA-only tests (3 minutes at most)
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rs --junitxml="$TMP/tests.xml" \
     tests/test_flex_attention.py tests/test_speed_paths.py tests/test_step_one.py \
     "tests/test_packing.py::test_bf16_autocast_close" >"$TMP/tests.log" 2>&1
 TESTS_RC=$?
 tail -5 "$TMP/tests.log"
 
-# 2. the comparison (3 minutes at most; TRL from $TRL_PYTHON when set)
-timeout 180 "$PY" bench/real_shapes.py compare --cuda --ab --only smollm2/ultrafeedback --precisions fp32,bf16 \
+# 2. the comparison (3.5 minutes at most; TRL from $TRL_PYTHON when set)
+timeout 210 "$PY" bench/real_shapes.py compare --cuda --ab --only smollm2/ultrafeedback --precisions fp32,bf16 \
     --warmup 1 --steps 3 --workdir "$TMP/bench" --out "$TMP/compare.json" >"$TMP/compare.log" 2>&1
 BENCH_RC=$?
 tail -8 "$TMP/compare.log"
