@@ -151,6 +151,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cuda_peak_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def _n_params(model_dir: str) -> dict:
     from safetensors import safe_open
 
@@ -190,7 +196,8 @@ def worker_trl(spec: dict) -> dict:
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
         beta=spec["beta"], loss_type=["sigmoid"], max_length=spec["max_length"], max_steps=spec["steps"],
-        bf16=bf16, fp16=False, use_cpu=True, gradient_checkpointing=False, logging_steps=1, report_to="none",
+        bf16=bf16, fp16=False, use_cpu=not spec.get("cuda", False), gradient_checkpointing=False, logging_steps=1,
+        report_to="none",
         save_strategy="no", seed=spec["seed"], data_seed=spec["seed"], train_sampling_strategy="sequential",
         precompute_ref_log_probs=spec.get("reference") == "precomputed", dataloader_num_workers=0,
         disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
@@ -205,7 +212,7 @@ def worker_trl(spec: dict) -> dict:
     trainer.train()
     out = {"setup_s": setup_s, "stamps": [t_start] + stamps, "tokens_per_pair": tokens,
            "steps": [{k: v for k, v in h.items()} for h in trainer.state.log_history if "loss" in h],
-           "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+           "peak_rss_mb": _peak_rss_mb(), "cuda_peak_mb": _cuda_peak_mb(), "torch_threads": torch.get_num_threads()}
     if spec.get("dump_ids"):
         out["ids"] = [[list(p), list(c), list(r)] for p, c, r in
                       zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
@@ -238,6 +245,7 @@ def worker_prefalign(spec: dict) -> dict:
     # the interval before step 1 includes loading/precompute: take step 1's own duration as its start
     first = stamps[0] - spec["batch_size"] / steps[0]["pairs_per_s"]
     return {"setup_s": first - t0, "stamps": [first] + stamps, "steps": steps, "peak_rss_mb": _peak_rss_mb(),
+            "cuda_peak_mb": _cuda_peak_mb(),
             "torch_threads": torch.get_num_threads(), "argv": argv}
 
 
@@ -255,8 +263,11 @@ def prefalign_argv(spec: dict) -> list[str]:
     return argv
 
 
-def run_worker(tool: str, spec: dict, timeout: float = 3600) -> dict:
-    """Run one tool in a fresh Python process; returns its result dict (raises on failure)."""
+def run_worker(tool: str, spec: dict, timeout: float = 3600, script: str | None = None) -> dict:
+    """Run one tool in a fresh Python process; returns its result dict (raises on failure).
+
+    TRL runs under $TRL_PYTHON when set (an environment that has TRL, e.g. a separate venv), else this
+    interpreter. `script`: another bench file whose --worker mode to run (same arguments)."""
     os.makedirs(spec["output"], exist_ok=True)
     spec_path = os.path.join(spec["output"], "spec.json")
     result_path = os.path.join(spec["output"], "result.json")
@@ -266,7 +277,8 @@ def run_worker(tool: str, spec: dict, timeout: float = 3600) -> dict:
         os.remove(result_path)
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", tool, "--spec", spec_path, "--result", result_path]
+    python = os.environ.get("TRL_PYTHON") or sys.executable if tool == "trl" else sys.executable
+    cmd = [python, script or os.path.abspath(__file__), "--worker", tool, "--spec", spec_path, "--result", result_path]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0 or not os.path.isfile(result_path):
         raise RuntimeError(f"{tool} worker failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefalign import checkpoint, fingerprint, models, prepare, reward_model, rundir, signals
+from prefalign import checkpoint, fingerprint, models, optim, prepare, reward_model, rundir, signals
 from prefalign.config import TrainConfig
 from prefalign.data.formats import load_examples, place, read_records
 from prefalign.errors import UserError
@@ -206,8 +206,7 @@ def _run(cfg: RewardConfig, model, tokenizer) -> RewardRun:
     torch.manual_seed(cfg.seed)
     st = _setup(cfg, model, tokenizer, say)
     params = [p for p in st.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
+    opt = optim.adamw(params, cfg)
     total = total_steps(cfg, len(st.items), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     start, changes, path = _resume(st, opt, sched, say)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from prefalign import (checkpoint, evaluation, fingerprint, hardware, models, monitor, objective, prepare, report,
+from prefalign import (checkpoint, evaluation, fingerprint, hardware, models, monitor, objective, optim, prepare, report,
                        rundir, sharding, signals)
 from prefalign.config import TrainConfig, to_dict
 from prefalign.errors import UserError
@@ -159,8 +159,7 @@ def set_up(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> _
     if how is not None:
         _shard(setup, how, acc.num_processes, say)
     params = [p for p in setup.policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
+    opt = optim.adamw(params, cfg)
     total = total_steps(cfg, len(setup.items), acc.num_processes)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     return _Run(cfg, setup, acc, how is not None, run_fp, prepare.autocast(cfg, acc.device), params, opt, sched,

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from prefalign import segment_attention
 from prefalign.logprobs import SeqLogps, language_model, output_head, scored_logps
 
 try:  # the tokenizer's dataclass; anything with prompt_ids/chosen_ids/rejected_ids works
@@ -263,7 +264,7 @@ def _scored_logps(model, packed: PackedBatch, chunk_size: int | None, temperatur
     dev = next(base.parameters()).device
     mask = attention_mask_for(base, packed, dev)  # [R, 1, L, L]: a tensor, or a BlockMask (built once, used by every layer)
     # Only the predicting positions of scored tokens reach the head.
-    with _flex_static_shapes_on_cpu(base, dev):
+    with _flex_static_shapes_on_cpu(base, dev), segment_attention.by_segment(base, packed):
         return scored_logps(model, packed.input_ids.to(dev), mask, packed.position_ids.to(dev), packed.src.to(dev),
                             packed.targets.to(dev), chunk_size, temperature)  # [N] fp32
 

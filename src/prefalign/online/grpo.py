@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefalign import hardware, prepare
+from prefalign import hardware, optim, prepare
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
 from prefalign.losses.grpo import group_advantages, grpo_loss
@@ -120,7 +120,7 @@ def _set_up(cfg: GRPOConfig, model, tokenizer, prompts, reward, ref_model) -> _R
     score_fn = make_reward(reward if reward is not None else cfg.reward, cfg.reward_weights)
     ref = _reference(cfg, policy, tok, ref_model, device)
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    opt = optim.adamw(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.steps * cfg.mu))
     return _Run(policy, tok, pset, score_fn, ref, prepare.autocast(cfg, device), opt, sched, params)
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prefalign import checkpoint, fingerprint, hardware, rundir, signals
+from prefalign import checkpoint, fingerprint, hardware, optim, rundir, signals
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
 from prefalign.losses.ppo import (AdaptiveKL, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
@@ -239,10 +239,9 @@ def _setup(cfg: PPOConfig, model, tokenizer, prompts, reward, ref_model, value_m
         value_model = build_value_model(value_source(cfg.value_model, cfg.reward), policy, tok)
     actors = Actors(policy, value_model).to(device).eval()  # eval: dropout off (see the module docstring)
     lean_mlps(actors)  # bitwise the same gradients, half the MLP activations (prefalign.lean)
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
-         {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_lr or cfg.lr}],
-        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    opt = optim.adamw([{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
+                       {"params": [p for p in value_model.parameters() if p.requires_grad],
+                        "lr": cfg.value_lr or cfg.lr}], cfg)
     total = cfg.steps * cfg.ppo_epochs * cfg.minibatches_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
