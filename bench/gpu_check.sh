@@ -17,6 +17,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${1:-bench/results/gpu_check.json}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# Segment-split attention is opt-in until measured on a GPU: this script measures it (--ab: without).
+export PREFALIGN_SEGMENT_ATTENTION=1
 
 if ! command -v "$PY" >/dev/null; then
     echo "gpu_check: no Python at '$PY' (set PYTHON=/path/to/python)" >&2
