@@ -24,11 +24,13 @@ EXPERIMENTS = {
                     "full fine-tuning vs LoRA (adapters-off) vs LoRA + precomputed reference: memory, speed"),
     "dpo-vs-sft": ("prefalign.experiments.dpo_vs_sft",
                    "SFT on the chosen responses vs DPO on the same pairs: are rejected responses informative?"),
+    "frontier": ("prefalign.experiments.frontier",
+                 "held-out reward vs KL to SFT: DPO (several beta), PPO on a reward model, GRPO (several KL coefs)"),
 }
 
 
 def run_experiment(name: str, output: str = "", quick: bool = False, seed: int = 0, cache: str = "",
-                   threads: int = 1, command: str = "") -> dict:
+                   threads: int = 1, command: str = "", options: dict | None = None) -> dict:
     import torch
 
     from prefalign.experiments import common
@@ -36,7 +38,7 @@ def run_experiment(name: str, output: str = "", quick: bool = False, seed: int =
     if threads:
         torch.set_num_threads(threads)
     module = importlib.import_module(EXPERIMENTS[name][0])
-    ctx = common.make_context(name, output, quick, seed, cache, command)
+    ctx = common.make_context(name, output, quick, seed, cache, command, options)
     result = module.run(ctx)
     return common.write_report(ctx, result)
 
@@ -59,7 +61,8 @@ def cmd_experiment(args):
     command = "prefalign " + " ".join(argv) if argv else f"prefalign experiment {args.name}"
     check_output_dir(args.output, "--output")
     check_output_dir(args.cache, "--cache")
-    run_experiment(args.name, args.output, args.quick, args.seed, args.cache, args.threads, command)
+    run_experiment(args.name, args.output, args.quick, args.seed, args.cache, args.threads, command,
+                   {"ppo_reward": args.ppo_reward})
     return 0
 
 
@@ -80,4 +83,9 @@ def register(sub) -> None:
     add_ranged(p, "--threads", int, ">= 0", default=1,
                    help="torch CPU threads (0 = torch's default). 1 by default: the demo model is tiny, and on a "
                         "shared CPU more threads spin-wait (10x slower measured with 2 threads on a loaded 2-core box)")
+    from prefalign.experiments.rlhf import PPO_REWARDS  # import-light: no torch
+
+    p.add_argument("--ppo-reward", choices=PPO_REWARDS, default=None,
+                   help="frontier: PPO's reward, rm (a reward model trained on the DPO pairs: the RLHF pipeline; the "
+                        "default when `prefalign reward` is installed) or verifier (the demo's checker)")
     p.set_defaults(func=cmd_experiment)
