@@ -31,9 +31,9 @@ COEF_NAME = {"DPO": "beta", "PPO": "kl_coef", "GRPO": "kl_coef"}
 class Budget:
     """The points and every run's size. DPO's steps, batch and lr are DemoSettings' (the demo's DPO)."""
 
-    dpo_betas: tuple = (0.1, 0.3, 1.0, 3.0)
-    ppo_kl: tuple = (0.003, 0.03, 0.1, 0.3)
-    grpo_kl: tuple = (0.003, 0.04, 0.3, 1.0)
+    dpo_betas: tuple = (0.1, 0.3, 1.0, 3.0, 10.0)
+    ppo_kl: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)
+    grpo_kl: tuple = (0.01, 0.04, 0.1, 0.3, 1.0)
     grpo_steps: int = 100            # prefalign compare's GRPO (docs/compare.md)
     grpo_prompts: int = 32
     grpo_group: int = 8
@@ -80,10 +80,10 @@ def ppo_points(ctx: common.Context, start: common.Start, budget: Budget, prompts
     for kl in budget.ppo_kl:
         ctx.say(f"PPO kl_coef {kl} ({reward_kind} reward): {budget.rlhf.ppo_steps} steps of "
                 f"{budget.rlhf.ppo_prompts} prompts")
-        cfg = rlhf.ppo_config(ctx.path(f"ppo-{kl}"), budget.rlhf, kl, reward, s.seed, common.pipeline.MAX_NEW_TOKENS,
-                              16, s.temperature)
+        cfg = rlhf.ppo_config(ctx.path(f"ppo-{kl}"), budget.rlhf, kl, [reward], s.seed,
+                              common.pipeline.MAX_NEW_TOKENS, 16, s.temperature)
         with ctx.timer("ppo"):
-            res, gen_s, train_s = rlhf.run_ppo(cfg, start.sft, start.tok, prompts)
+            res, gen_s, train_s = rlhf.run_ppo(cfg, copy.deepcopy(start.sft), start.tok, prompts)
         rows.append(_row("PPO", kl, common.evaluate(ctx, start, res.policy, pref=False), gen_s, train_s))
     return rows, stats
 

@@ -66,16 +66,27 @@ def train_reward_model(output: str, sft, tok, pairs_file: str, eval_file: str, b
     run = train_reward(cfg, model=copy.deepcopy(sft), tokenizer=tok)
     if run.stopped:
         raise UserError(f"reward model {output} stopped early ({run.stopped}); the run is incomplete")
-    acc = next((v for k, v in run.final_eval.items() if k.endswith("accuracies")), float("nan"))
-    return "rm:" + os.path.join(output, "model"), {"rm_s": time.perf_counter() - t0, "rm_accuracy": acc}
+    return "rm:" + os.path.join(output, "model"), {"rm_s": time.perf_counter() - t0, **_accuracy(run)}
 
 
-def ppo_config(output: str, budget: RLHFBudget, kl_coef: float, reward: str, seed: int, max_new_tokens: int,
-               max_prompt_length: int, temperature: float = 1.0):
-    """PPO from the SFT model (a fresh reference copy of it) with the given reward spec."""
+def _accuracy(run) -> dict:
+    """The reward model's pairwise accuracy: on the held-out pairs when it had some, else the mean
+    over its last 10 training steps (which says it fits, not that it generalises)."""
+    held = [v for k, v in run.final_eval.items() if k.endswith("accuracies")]
+    if held:
+        return {"rm_accuracy": held[0], "rm_accuracy_on": "held-out pairs"}
+    tail = [r["rewards/accuracies"] for r in run.history if "rewards/accuracies" in r][-10:]
+    return {"rm_accuracy": sum(tail) / len(tail) if tail else float("nan"), "rm_accuracy_on": "training batches"}
+
+
+def ppo_config(output: str, budget: RLHFBudget, kl_coef: float, rewards: list, seed: int, max_new_tokens: int,
+               max_prompt_length: int, temperature: float = 1.0, weights: list | None = None):
+    """PPO from the SFT model (a fresh reference copy of it) with the given reward specs and weights
+    (a weight 0 logs a reward as rewards/<spec> without training on it)."""
     from prefalign.online.settings import PPOConfig
 
-    return PPOConfig(output=output, reward=[reward], steps=budget.ppo_steps, prompts_per_step=budget.ppo_prompts,
+    return PPOConfig(output=output, reward=list(rewards), reward_weights=list(weights or []),
+                     steps=budget.ppo_steps, prompts_per_step=budget.ppo_prompts,
                      ppo_epochs=budget.ppo_epochs, mini_batch=budget.ppo_mini_batch, lr=budget.ppo_lr,
                      value_lr=budget.value_lr, kl_coef=kl_coef, max_new_tokens=max_new_tokens,
                      max_prompt_length=max_prompt_length, temperature=temperature, seed=seed, progress=False,
@@ -87,11 +98,12 @@ def ppo_reward_spec(kind: str, rm_spec: str) -> str:
     return rm_spec if kind == "rm" else DEMO_VERIFIER
 
 
-def run_ppo(cfg, sft, tok, prompts):
-    """PPO on a copy of the SFT model: (result, generation + scoring s, rollout + update s)."""
+def run_ppo(cfg, policy, tok, prompts):
+    """PPO on `policy` (trained in place: pass a copy of the SFT model to keep it):
+    (result, generation + scoring s, rollout + update s)."""
     from prefalign.online.ppo import ppo
 
-    res = ppo(dataclasses.replace(cfg), model=copy.deepcopy(sft), tokenizer=tok, prompts=prompts)
+    res = ppo(dataclasses.replace(cfg), model=policy, tokenizer=tok, prompts=prompts)
     gen = sum(r["time/generation"] + r["time/scoring"] for r in res.history)
     train = sum(r["time/rollout"] + r["time/training"] for r in res.history)
     return res, gen, train
