@@ -1,4 +1,4 @@
-"""Tokens/s of prefalign.online.generate vs transformers' model.generate, same model and prompts.
+"""Tokens/s of prefalign.sampling vs transformers' model.generate, same model and prompts.
 
     python bench/generate_speed.py [--prompts 32] [--new 64] [--repeats 3] [--threads 0]
 
@@ -26,7 +26,7 @@ import time
 import torch
 import transformers as tf
 
-from prefalign.online.generate import SamplingConfig, generate
+from prefalign.sampling import SamplingConfig, generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

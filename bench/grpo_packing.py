@@ -2,7 +2,7 @@
 
     python bench/grpo_packing.py [--repeats 7]
 
-One update = reference log-probs (beta 0.04) + one forward/backward of the policy + AdamW,
+One update = reference log-probs (kl_coef 0.04) + one forward/backward of the policy + AdamW,
 P = 8 prompts x G = 4 samples, micro_batch 0, fp32. Two settings:
   demo: the demo's model (tiny Llama, hidden 128, 2 layers) and tokenizer, 8 addition prompts
         (~7 tokens), completions sampled from the untrained model (max_new_tokens 5, as the demo).
@@ -31,7 +31,7 @@ from prefalign.demo import task
 from prefalign.demo.model import build_model
 from prefalign.demo.pipeline import MAX_NEW_TOKENS
 from prefalign.demo.tokenizer import build_tokenizer
-from prefalign.online.generate import SamplingConfig, generate
+from prefalign.sampling import SamplingConfig, generate
 from prefalign.online.grpo import GRPOConfig, update
 
 P, G = 8, 4
@@ -67,7 +67,7 @@ def build_ref(model):
 
 
 def time_update(model, ref, pad_id, p_ids, c_ids, packing: bool) -> float:
-    cfg = GRPOConfig(output="unused", prompts_per_step=P, group_size=G, beta=0.04, packing=packing,
+    cfg = GRPOConfig(output="unused", prompts_per_step=P, group_size=G, kl_coef=0.04, packing=packing,
                      max_new_tokens=max(map(len, c_ids)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from prefalign import __version__, cli, config, fingerprint, train
-from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig, PPOConfig
+from prefalign.experiments.compare_settings import CompareSettings
+from prefalign.online.settings import GRPOConfig, IterativeConfig, PPOConfig
 from test_train import assert_same_weights, cfg_for, run_files, weights  # noqa: F401 (run_files: a fixture)
 
 

@@ -14,7 +14,8 @@ from prefalign.demo.model import build_model
 from prefalign.demo.tokenizer import build_tokenizer
 from prefalign.errors import UserError
 from prefalign.demo.pipeline import DemoSettings, sft_cache_key
-from prefalign.online.compare import DEMO_FIELDS, USER_DEFAULTS, CompareSettings, compare, prepare_sft, sft_dir
+from prefalign.experiments.compare import CompareSettings, compare, prepare_sft, sft_dir
+from prefalign.experiments.compare_settings import DEMO_FIELDS, USER_DEFAULTS
 
 torch.set_num_threads(1)
 
@@ -91,7 +92,7 @@ def test_compare_defaults_come_from_demo_settings():
 def test_every_compare_flag_has_help():
     import argparse
 
-    from prefalign.online.cli import register
+    from prefalign.experiments.cli import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

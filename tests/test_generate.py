@@ -1,4 +1,4 @@
-"""prefalign.online.generate: the KV-cache decode loop against naive recompute and model.generate."""
+"""prefalign.sampling: the KV-cache decode loop against naive recompute and model.generate."""
 
 import sys
 import types
@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from prefalign.errors import UserError
-from prefalign.online.generate import Generations, SamplingConfig, _sample, generate
+from prefalign.sampling import Generations, SamplingConfig, _sample, generate
 import transformers as tf
 from tiny_lms import llama_config, tiny_lm
 

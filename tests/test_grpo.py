@@ -10,7 +10,8 @@ import torch
 from prefalign.demo.model import build_model
 from prefalign.demo.tokenizer import build_tokenizer
 from prefalign.errors import UserError
-from prefalign.online.grpo import GRPOConfig, completion_token_logps, grpo, update
+from prefalign.online.common import completion_token_logps
+from prefalign.online.grpo import GRPOConfig, grpo, update
 
 torch.set_num_threads(1)
 
@@ -136,7 +137,7 @@ def test_loop_gradient_equals_hand_computed(tok, aggregation, micro_batch):
     for g, w in zip(opt.grads[0], grads):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
     assert m["loss"] == pytest.approx(want.item(), abs=1e-6)
-    assert "kl" not in m  # beta 0: no reference, no KL
+    assert "kl" not in m  # kl_coef 0: no reference, no KL
     # entropy estimate: minus the mean sampled-token log-prob (old policy), over all tokens
     _, lps = naive_loss(model, adv, aggregation)
     assert m["entropy"] == pytest.approx(-torch.cat(lps).mean().item(), rel=1e-5)
@@ -148,7 +149,7 @@ def test_kl_term_equals_naive_computation(tok):
         p.requires_grad_(False)
     adv = torch.tensor([1.0, -1.0, 0.3, -0.3])
     beta = 0.5
-    m, opt = run_update(model, ref, cfg_(beta=beta, aggregation="grpo"), adv)
+    m, opt = run_update(model, ref, cfg_(kl_coef=beta, aggregation="grpo"), adv)
     want, lps = naive_loss(model, adv, "grpo", ref=ref, beta=beta)
     refs = naive_token_logps(ref, *batch())
     kl = torch.cat([torch.exp(r - l) - (r - l) - 1 for l, r in zip(lps, refs)])
@@ -180,14 +181,14 @@ def test_several_updates_use_old_logps_of_the_sampling_policy(tok):
 
 @pytest.mark.parametrize("aggregation,micro_batch", [("grpo", 0), ("dapo", 3)])
 def test_packed_update_equals_padded(tok, aggregation, micro_batch):
-    # beta > 0 (reference log-probs), mu = 2 (old-policy log-probs) and, with micro_batch 3,
+    # kl_coef > 0 (reference log-probs), mu = 2 (old-policy log-probs) and, with micro_batch 3,
     # a micro-batch that splits the second group: every log-prob takes the packed path.
     results = {}
     for packing in (False, True):
         model, ref = tiny(tok, seed=0), tiny(tok, seed=1)
         for p in ref.parameters():
             p.requires_grad_(False)
-        cfg = cfg_(packing=packing, beta=0.3, mu=2, clip_eps=0.05, aggregation=aggregation, micro_batch=micro_batch)
+        cfg = cfg_(packing=packing, kl_coef=0.3, mu=2, clip_eps=0.05, aggregation=aggregation, micro_batch=micro_batch)
         results[packing] = run_update(model, ref, cfg, torch.tensor([1.0, -1.0, 0.5, -0.5]), lr=0.5)
     (m0, opt0), (m1, opt1) = results[False], results[True]
     assert m1.keys() == m0.keys()
@@ -210,7 +211,7 @@ def test_grpo_run_raises_a_trivially_learnable_reward(tok, tmp_path):
     prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)]
     starts7 = lambda prompts, completions: [float(c.startswith("7")) for c in completions]  # noqa: E731
     cfg = GRPOConfig(output=str(tmp_path / "run"), steps=10, prompts_per_step=8, group_size=8, max_new_tokens=2,
-                     lr=1e-2, beta=0.1, mu=2, progress=False, save_model=False)
+                     lr=1e-2, kl_coef=0.1, mu=2, progress=False, save_model=False)
     result = grpo(cfg, model=tiny(tok), tokenizer=tok, prompts=prompts, reward=starts7)
     rewards = [r["reward/mean"] for r in result.history]
     assert rewards[0] < 0.2 and max(rewards[-3:]) > 0.5, rewards
@@ -221,22 +222,22 @@ def test_grpo_run_raises_a_trivially_learnable_reward(tok, tmp_path):
         assert key in lines[-1], key
 
 
-def test_beta_zero_loads_no_reference(tok, tmp_path, monkeypatch):
+def test_kl_coef_zero_loads_no_reference(tok, tmp_path, monkeypatch):
     import prefalign.models
 
     def no_ref(*a, **k):
-        raise AssertionError("beta 0 must not build a reference")
+        raise AssertionError("kl_coef 0 must not build a reference")
 
     monkeypatch.setattr(prefalign.models, "freeze", no_ref)
     cfg = GRPOConfig(output=str(tmp_path), steps=1, prompts_per_step=2, group_size=2, max_new_tokens=2,
-                     progress=False, save_model=False, beta=0.0)
+                     progress=False, save_model=False, kl_coef=0.0)
     res = grpo(cfg, model=tiny(tok), tokenizer=tok, prompts=["1+1=", "2+2="], reward="regex=1")
     assert "kl" not in res.history[0]
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(group_size=1), "group_size"), (dict(scale="std"), "scale"), (dict(aggregation="sum"), "aggregation"),
-    (dict(beta=-1), "beta"), (dict(temperature=0), "temperature"), (dict(mu=0), "mu"), (dict(lr=0), "lr"),
+    (dict(kl_coef=-1), "kl_coef"), (dict(temperature=0), "temperature"), (dict(mu=0), "mu"), (dict(lr=0), "lr"),
     (dict(reward=["a", "b"], reward_weights=[1.0]), "reward weights"),
 ])
 def test_config_validation(kw, match):

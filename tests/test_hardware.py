@@ -1,7 +1,6 @@
 """CPU honesty: which machines compute bf16 natively, what `--precision auto` picks, the warning for
 an emulated bf16, and that a run records and fingerprints the precision it really ran in."""
 
-import json
 
 import pytest
 import yaml
@@ -127,7 +126,7 @@ def test_grpo_resolves_auto_once_and_records_it(tmp_path, monkeypatch, capsys, m
     cfg = GRPOConfig(output=str(tmp_path), steps=1, prompts_per_step=2, group_size=2, max_new_tokens=2,
                      progress=False, save_model=False, precision="auto")
     grpo(cfg, model=build_model(tok, seed=0, hidden_size=32, intermediate_size=64), tokenizer=tok, prompts=["1+1=", "2+2="], reward="regex=1")
-    assert json.loads((tmp_path / "config.json").read_text())["precision"] == want
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["precision"] == want
     assert capsys.readouterr().err.count("precision auto -> ") == 1
 
 
@@ -143,7 +142,7 @@ def test_iterate_resolves_auto_once_for_every_round(tmp_path, monkeypatch, capsy
     prompts = [{"prompt": f"{a}+{b}=", "answer": a + b} for a in range(6) for b in range(6)]
     res = iterate(cfg, model=build_model(tok, seed=0, hidden_size=32, intermediate_size=64), tokenizer=tok,
                   prompts=prompts, reward=lambda p, c: [float(x[:1].isdigit()) for x in c])
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "fp32"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["precision"] == "fp32"
     trained = [k for k in (1, 2) if (tmp_path / "run" / f"round-{k}" / "config.yaml").is_file()]
     assert trained and len(res.history) == 2
     for k in trained:  # each round's DPO run got the concrete value, not auto

@@ -99,7 +99,7 @@ def test_reference_fixed_or_moved_to_the_last_rounds_policy(tok, tmp_path, monke
     monkeypatch.setattr(prefalign.train, "train", spy)
     start = tiny(tok)
     initial = {k: v.clone() for k, v in start.state_dict().items()}
-    iterate(small_cfg(tmp_path, reference=reference), model=start, tokenizer=tok, prompts=PROMPTS,
+    iterate(small_cfg(tmp_path, ref_update=reference), model=start, tokenizer=tok, prompts=PROMPTS,
             reward=first_is_digit)
     (ref1, pol1), (ref2, pol2) = seen
     for k, v in ref2.state_dict().items():
@@ -130,8 +130,8 @@ def test_reward_by_import_path_gets_the_documented_arguments(tok, tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(UserError, match="reference"):
-        IterativeConfig(reference="sometimes")
+    with pytest.raises(UserError, match="ref_update"):
+        IterativeConfig(ref_update="sometimes")
     with pytest.raises(UserError, match="samples"):
         IterativeConfig(samples=1)
     with pytest.raises(UserError, match="loss"):

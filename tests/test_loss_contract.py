@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefalign import config, evaluate, objective, prepare, train
+from prefalign import config, evaluation, objective, prepare, train
 from prefalign.cli import main
 from prefalign.errors import UserError
 from prefalign.losses import LOSSES, pairwise
@@ -324,7 +324,7 @@ def test_sft_train_loss_at_step_1_equals_eval_loss_before_the_update(run_files, 
     from tiny import make_model
 
     s = prepare.build(cfg, device=torch.device("cpu"), model=make_model("llama", seed=0))
-    before = evaluate.pair_metrics(s, cfg, prepare.autocast(cfg, torch.device("cpu")), items=s.items)["loss"]
+    before = evaluation.pair_metrics(s, cfg, prepare.autocast(cfg, torch.device("cpu")), items=s.items)["loss"]
     rec = train.train(cfg).history[0]
     assert rec["loss"] == pytest.approx(before, rel=1e-5)
 

@@ -199,7 +199,7 @@ def make_groups(seed=0):
 
 
 def padded_token_logps(model, prompts, comps, temperature=1.0):
-    from prefalign.online.grpo import completion_token_logps
+    from prefalign.online.common import completion_token_logps
 
     return completion_token_logps(model, prompts, comps, pad_id=0, temperature=temperature, packing=False)
 

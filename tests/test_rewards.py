@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from prefalign.errors import UserError
+from prefalign.online.reward_models import PairwiseJudge, RewardModel
 from prefalign.online.rewards import (
-    PairwiseJudge, Reward, RewardModel, combine, exact_answer, extract_answer, format_reward,
-    load_reward, regex_reward,
+    Reward, combine, exact_answer, extract_answer, format_reward, load_reward, regex_reward,
 )
 
 PROMPTS = ["2+2=", "3*3=", "what is 10/2?"]

@@ -10,12 +10,11 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first access (PEP 562).
 _LAZY = {"TrainConfig": "prefalign.config", "RunResult": "prefalign.train", "UserError": "prefalign.errors",
-         "sft": "prefalign.api", "generate": "prefalign.api"}
-# `train` and `evaluate` are also submodules (prefalign/train.py, evaluate.py), and importing a
-# submodule binds its name on the package whatever we bind first. So those two modules are made
-# callable (callable_module below): `prefalign.train(...)` calls prefalign.api.train, and
-# `prefalign.train.train` / `prefalign.evaluate.pair_metrics` keep working for the code that uses them.
-_CALLABLE = ("train", "evaluate")
+         "sft": "prefalign.api", "evaluate": "prefalign.api", "generate": "prefalign.api"}
+# `train` is also a submodule (prefalign/train.py), and importing a submodule binds its name on the
+# package whatever we bind first. So that module is made callable (callable_module below):
+# `prefalign.train(...)` calls prefalign.api.train, and `prefalign.train.train` keeps working.
+_CALLABLE = ("train",)
 __all__ = ["__version__", *_LAZY, *_CALLABLE]
 
 

@@ -9,7 +9,6 @@ data fingerprint in config.yaml and `--resume` all work exactly as for a file on
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 
@@ -29,10 +28,9 @@ def data_path(data, where: str = "data") -> str:
     if not isinstance(rows, (list, tuple)) or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"{where}: expected a path, a datasets.Dataset or a list of dicts; got {type(data).__name__}")
     path = os.path.join(tempfile.mkdtemp(prefix="prefalign-data-"), f"{where}.jsonl")
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    return path
+    from prefalign.metrics import write_jsonl
+
+    return write_jsonl(path, rows)
 
 
 def _config(cfg: TrainConfig | None, fields: dict, base: dict) -> TrainConfig:
@@ -110,7 +108,7 @@ def evaluate(model, ref_model, data, *, tokenizer=None, beta: float = 0.1, batch
     `tokenizer`); data: a path, a Dataset or a list of dicts."""
     from types import SimpleNamespace
 
-    from prefalign.evaluate import run_eval
+    from prefalign.evaluation import run_eval
 
     fields: dict = {}
     objects = _split_objects(model, tokenizer, ref_model, fields)
@@ -125,10 +123,10 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 128, temperatur
              top_p: float = 1.0, top_k: int = 0, n: int = 1, seed: int | None = None, batch_size: int = 64):
     """Sample `n` completions per prompt (strings or token-id lists); temperature 0 = greedy.
     `model`/`tokenizer`: objects, or a path (the tokenizer then defaults to the model's).
-    Returns online.generate.Generations (`.texts`, `.token_ids`, `.finish_reasons`, row i*n+j =
+    Returns prefalign.sampling.Generations (`.texts`, `.token_ids`, `.finish_reasons`, row i*n+j =
     sample j of prompt i)."""
     from prefalign import models
-    from prefalign.online.generate import SamplingConfig, generate as sample
+    from prefalign.sampling import SamplingConfig, generate as sample
 
     if isinstance(model, (str, os.PathLike)):
         tokenizer = models.load_tokenizer(os.fspath(tokenizer or model)) if not hasattr(tokenizer, "decode") \

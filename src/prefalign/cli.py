@@ -194,7 +194,7 @@ def cmd_losses(args):
 
 
 def cmd_eval(args):
-    from prefalign.evaluate import run_eval
+    from prefalign.evaluation import run_eval
 
     check_output_file(args.json, "--json")
     run_eval(args)

@@ -296,14 +296,19 @@ def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def check_before_start(cfg: TrainConfig, cuda: bool | None = None) -> None:
-    """What the values alone cannot tell, checked before any model or data loads: the machine and the paths."""
+def check_attention(attention: str, cuda: bool | None = None) -> None:
+    """Training with flex_attention needs CUDA (train, grpo)."""
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
-    if cfg.attention == "flex_attention" and not cuda:
+    if attention == "flex_attention" and not cuda:
         raise UserError("--attention flex_attention: training needs a CUDA GPU (torch has no flex_attention "
                         "backward on CPU); use --attention sdpa")
+
+
+def check_before_start(cfg: TrainConfig, cuda: bool | None = None) -> None:
+    """What the values alone cannot tell, checked before any model or data loads: the machine and the paths."""
+    check_attention(cfg.attention, cuda)
     validation.check_output_dir(cfg.output, "--output")
     validation.check_output_dir(cfg.cache_dir, "--cache-dir")

@@ -24,6 +24,20 @@ def peak_memory_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def write_jsonl(path: str, rows) -> str:
+    """Write `rows` (dicts) as JSON Lines, atomically: a crash never leaves half a file. Lines as
+    data.jsonsafe.json_text writes them (readable non-ASCII, a lone surrogate escaped, what JSON
+    cannot hold as its str). Returns the path."""
+    from prefalign.data.jsonsafe import json_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json_text(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+    return path
+
+
 def read_jsonl(path: str) -> list[dict]:
     """The records of a metrics file. A process killed mid-write can leave a cut-off last
     line; it is dropped (the resumed run writes that step again) rather than failing the resume."""
@@ -55,10 +69,7 @@ class MetricsLog:
         if resume_step is not None:
             # The steps after the checkpoint will be run again: their old lines must go,
             # so no step appears twice in the file.
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            with open(self.path + ".tmp", "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(self.path + ".tmp", self.path)
+            write_jsonl(self.path, [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step])
         elif os.path.exists(self.path):
             os.remove(self.path)
         if tensorboard:

@@ -110,7 +110,7 @@ def for_run(s, cfg, total: int, state: dict | None) -> BothDropMonitor | None:
 
 def score(s, cfg, ac, items) -> dict[str, list[float]]:
     """The policy's per-pair scores on the monitor set, through the evaluation path."""
-    from prefalign.evaluate import policy_pair_logps
+    from prefalign.evaluation import policy_pair_logps
 
     return per_pair(policy_pair_logps(s, cfg, ac, items))
 

@@ -139,16 +139,43 @@ def checkpoint_layers(model) -> None:
         model.enable_input_require_grads()
 
 
+def load_tokenizer(cfg, model=None, tokenizer=None):
+    """The run's tokenizer: `tokenizer` if given, else cfg.tokenizer's or cfg.model's (train, grpo, iterate)."""
+    if tokenizer is None:
+        if model is None and not cfg.tokenizer:  # name --model, not the tokenizer, when the path is wrong
+            models._check_source(cfg.model, "model")
+        tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    return tokenizer
+
+
+def load_model(cfg, tokenizer, model=None, path: str = "", qlora: bool = False):
+    """A policy or reference model: `model` if given, else loaded from `path` (default cfg.model) with
+    the run's attention and trust settings; either way checked against the tokenizer's ids."""
+    path = path or cfg.model
+    if model is None:
+        model = models.load_model(path, trust_remote_code=cfg.trust_remote_code, qlora=qlora, attention=cfg.attention)
+    else:
+        models.set_attention(model, cfg.attention)
+    models.check_vocab(tokenizer, model, path)
+    return model
+
+
+def with_lora(cfg, model):
+    """The policy with LoRA adapters when cfg.lora_r > 0 (seeded: the same adapters each run)."""
+    if cfg.lora_r > 0 and not models.is_peft(model):
+        torch.manual_seed(cfg.seed)
+        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                                  qlora=cfg.qlora)
+    return model
+
+
 def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None, ref_model=None,
           accelerator=None, log=print) -> Setup:
     """Load tokenizer, data, policy and reference. `model`/`tokenizer` objects may be passed in
     (the demo and the tests build them in-process); otherwise they load from cfg.model."""
     spec = loss_spec(cfg)
     strategy = reference_strategy(cfg, spec)
-    if tokenizer is None:
-        if model is None and not cfg.tokenizer:  # name --model, not the tokenizer, when the path is wrong
-            models._check_source(cfg.model, "model")
-        tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg, model, tokenizer)
     kind = data_kind(spec)
     # Rejects go to a temporary name until the run starts for real (rundir.begin moves them into
     # place): a resume must not append the same rows again, a failing run not touch the old file.
@@ -160,16 +187,7 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
     if cfg.eval_data:
         eval_items, _ = load_items(cfg, tokenizer, cfg.eval_data, kind,
                                    rundir.staged(cfg.output, "rejects_eval.jsonl") if lead else None, log)
-    if model is None:
-        model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, qlora=cfg.qlora,
-                                  attention=cfg.attention)
-    else:
-        models.set_attention(model, cfg.attention)
-    models.check_vocab(tokenizer, model, cfg.model)
-    if cfg.lora_r > 0 and not models.is_peft(model):
-        torch.manual_seed(cfg.seed)
-        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                                  qlora=cfg.qlora)
+    model = with_lora(cfg, load_model(cfg, tokenizer, model, qlora=cfg.qlora))
     if cfg.gradient_checkpointing:
         checkpoint_layers(model)
     elif cfg.lean_mlp:
@@ -183,16 +201,11 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
                   chunk_size=cfg.chunk_size, autocast=autocast(cfg, device))
     reference: refs.Reference = refs.Reference()
     if strategy in ("copy", "precomputed") and not (strategy == "precomputed" and cfg.lora_r > 0):
-        if ref_model is None:
-            # fp32 weights under the policy's autocast, whatever --precision says: a bf16 copy would
-            # round its norms, embeddings and residual stream too, so the step-1 log-ratio would be
-            # precision noise (loss 0.6808, not ln 2). The price is 4 bytes/param, not 2; LoRA
-            # (adapters-off) or --reference precomputed (the copy is freed after one pass) avoid it.
-            ref_model = models.load_model(cfg.ref_model or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                                          attention=cfg.attention)
-        else:
-            models.set_attention(ref_model, cfg.attention)
-        models.check_vocab(tokenizer, ref_model, cfg.ref_model or cfg.model)
+        # fp32 weights under the policy's autocast, whatever --precision says: a bf16 copy would
+        # round its norms, embeddings and residual stream too, so the step-1 log-ratio would be
+        # precision noise (loss 0.6808, not ln 2). The price is 4 bytes/param, not 2; LoRA
+        # (adapters-off) or --reference precomputed (the copy is freed after one pass) avoid it.
+        ref_model = load_model(cfg, tokenizer, ref_model, cfg.ref_model or cfg.model)
         reference = refs.ModelReference(models.freeze(ref_model).to(device), **ref_kw)
     elif strategy in ("adapters-off", "precomputed"):
         reference = refs.ModelReference(model, adapters_off=True, **ref_kw)

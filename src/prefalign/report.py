@@ -14,7 +14,8 @@ PANELS = [
 ]
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +26,7 @@ def _plt():
 
 def plot_series(path: str, records: list[dict], keys: list[str], title: str, marks: dict | None = None) -> bool:
     """One PNG with a line per key (x = step); `marks` = {label: step} draws vertical lines."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     drawn = False
     for k in keys:

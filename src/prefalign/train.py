@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> Ru
 def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
     from accelerate import Accelerator
 
-    from prefalign import evaluate, report
+    from prefalign import evaluation, report
 
     resuming = bool(cfg.resume)
     how = sharding.plan(cfg)
@@ -433,7 +433,7 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
                     if cfg.both_drop_stop:
                         stopped = "both-drop alarm"
             if s.eval_items and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-                held_out = evaluate.pair_metrics(s, cfg, ac)
+                held_out = evaluation.pair_metrics(s, cfg, ac)
                 record.update({f"eval/{k}": v for k, v in held_out.items()})
                 console.say(f"eval at step {step + 1}: {progress_info(held_out, EVAL_KEYS)}")
             # A skipped step or an alarm is always logged, whatever log_every says: they are the evidence.
@@ -455,7 +455,7 @@ def _train(cfg: TrainConfig, *, model=None, tokenizer=None, ref_model=None) -> R
     console.close()
     final_eval = {}
     if not stopped and s.eval_items:
-        final_eval = evaluate.pair_metrics(s, cfg, ac)
+        final_eval = evaluation.pair_metrics(s, cfg, ac)
         log.write({"step": done, **{f"eval/{k}": v for k, v in final_eval.items()}})
     log.close()
     final = lm

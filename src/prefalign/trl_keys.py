@@ -43,19 +43,21 @@ SCHEDULES = {"constant_with_warmup": "constant"}
 ALIASES = {**RENAMED, **{k: field for k, (field, _) in MAPPED.items()}}
 
 
-def translate(values: dict, fields, where: str) -> dict:
+def translate(values: dict, fields, where: str, aliases: dict | None = None) -> dict:
     """`values` with TRL names turned into prefalign fields. All unknown keys are reported in one
-    UserError (suggestions from both vocabularies); so is a field set under two names."""
-    unknown = [k for k in values if isinstance(k, str) and _name(k) not in fields and _name(k) not in ALIASES]
+    UserError (suggestions from both vocabularies); so is a field set under two names.
+    `aliases` (alias -> field): another command's table (GRPO's `beta`); default: train's."""
+    aliases = ALIASES if aliases is None else aliases
+    unknown = [k for k in values if isinstance(k, str) and _name(k) not in fields and _name(k) not in aliases]
     if unknown:
         raise UserError(f"{where}: unknown config key{'s' if len(unknown) > 1 else ''} "
-                        + ", ".join(_with_hint(k, fields) for k in unknown))
+                        + ", ".join(_with_hint(k, fields, aliases) for k in unknown))
     out, named = {}, {}
     for key, value in values.items():
         if not isinstance(key, str):
             raise UserError(f"{where}: config key {key!r} is not a string")
         name = _name(key)
-        field = ALIASES.get(name, name)
+        field = aliases.get(name, name)
         if field in named:
             raise UserError(f"{where}: '{named[field]}' and '{key}' both set {field}; keep one")
         named[field] = key
@@ -78,12 +80,14 @@ def _value(name: str, value, where: str):
     return value
 
 
-def _with_hint(key: str, fields) -> str:
-    vocabulary = list(fields) + list(ALIASES)
+def _with_hint(key: str, fields, aliases: dict) -> str:
+    vocabulary = list(fields) + list(aliases)
     close = difflib.get_close_matches(_name(key), vocabulary, n=1)
     if not close:
         return f"'{key}'"
-    alias = f", TRL's name for {ALIASES[close[0]]}" if close[0] not in fields else ""
+    alias = f", another name for {aliases[close[0]]}" if close[0] not in fields else ""
+    if alias and aliases is ALIASES:
+        alias = f", TRL's name for {aliases[close[0]]}"
     return f"'{key}' (did you mean '{close[0]}'{alias}?)"
 
 

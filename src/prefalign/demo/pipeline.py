@@ -1,6 +1,6 @@
 """The demo's building blocks, shared by `prefalign demo`, `prefalign compare` and the
-experiments: an SFT starting point, on-policy pairs labelled by the verifier, and a
-held-out evaluation of any policy against a reference.
+experiments: an SFT starting point, on-policy pairs labelled by the verifier, and the
+held-out evaluation (prefalign.evaluation) scored by the verifier.
 
 Everything trains through the real trainer (`prefalign.train.train`) on JSONL files
 written to the run folder, so the demo exercises the code paths a user's run takes.
@@ -14,24 +14,17 @@ import json
 import os
 import time
 
-import torch
 
-from prefalign import config, train
+from prefalign import config, evaluation, train
 from prefalign.demo import task
 from prefalign.errors import UserError
 from prefalign.demo.model import build_model
 from prefalign.demo.tokenizer import build_tokenizer
-from prefalign.online.generate import SamplingConfig, generate
-from prefalign.online.pairs import build_pairs, write_pairs
+from prefalign.metrics import write_jsonl
+from prefalign.online.pairs import build_pairs
+from prefalign.sampling import SamplingConfig, generate
 
 from prefalign.demo.settings import MAX_NEW_TOKENS, DemoSettings  # noqa: F401 (here since before the split)
-
-
-def write_jsonl(path: str, rows: list[dict]) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    return path
 
 
 def _run_config(output: str, data: str, settings: DemoSettings, **kw) -> config.TrainConfig:
@@ -91,26 +84,15 @@ def sample_pairs(model, tok, problems: list[task.Problem], settings: DemoSetting
                        pairs_per_prompt=settings.pairs_per_prompt, extra={"answer": [p.answer for p in problems]})
 
 
-@torch.no_grad()
-def evaluate_policy(model, tok, problems: list[task.Problem], settings: DemoSettings, reference_model=None) -> dict:
-    """Held-out verifier score (greedy), sampled score, mean length; KL to the reference on samples."""
-    model.eval()
-    greedy_texts, greedy_scores, greedy = sample(model, tok, problems, 1, 0.0, settings.seed)
-    _, sampled_scores, _ = sample(model, tok, problems, 1, 1.0, settings.seed + 1)
-    out = {
-        "verifier score (greedy)": sum(greedy_scores) / len(problems),
-        "verifier score (sampled)": sum(sampled_scores) / len(problems),
-        "mean length (tokens)": greedy.num_tokens / len(problems),
-    }
-    if reference_model is not None:
-        from prefalign.evaluate import sampled_kl
-        from prefalign.reference import ModelReference
-
-        ref = ModelReference(reference_model, pad_id=tok.pad_token_id, packing=False, token_budget=0, chunk_size=0)
-        prompts = [tok(p.prompt)["input_ids"] for p in problems]
-        out["KL to reference (sampled)"] = sampled_kl(model, ref, tok, prompts, max_new_tokens=MAX_NEW_TOKENS,
-                                                      seed=settings.seed + 2, batch_size=256)["kl/sampled"]
-    return out
+def heldout_metrics(model, tok, problems: list[task.Problem], settings: DemoSettings, reference_model=None,
+                    degenerate: bool = False) -> dict:
+    """evaluation.generation_metrics on `problems`, scored by the task's verifier (1 = right and well formed)."""
+    answers = [p.answer for p in problems]
+    return evaluation.generation_metrics(model, tok, [tok(p.prompt)["input_ids"] for p in problems],
+                                         lambda texts: task.verify_batch(texts, answers),
+                                         max_new_tokens=MAX_NEW_TOKENS, seed=settings.seed,
+                                         reference_model=reference_model,
+                                         well_formed=task.format_ok if degenerate else None)
 
 
 def dpo(output: str, sft_model, tok, train_pairs: str, eval_pairs: str, settings: DemoSettings, **overrides):

@@ -20,7 +20,11 @@ import torch
 from prefalign import report
 from prefalign.errors import UserError
 from prefalign.demo import pipeline, task
-from prefalign.online.pairs import write_pairs
+from prefalign.metrics import write_jsonl
+
+# The held-out table's rows (prefalign.evaluation.generation_metrics' keys -> the report's words).
+LABELS = {"score": "verifier score (greedy)", "score_sampled": "verifier score (sampled)",
+          "length": "mean length (tokens)", "kl": "KL to reference (sampled)"}
 
 
 def run_demo(output: str = "runs/demo", quick: bool = False, seed: int = 0,
@@ -47,9 +51,9 @@ def run_demo(output: str = "runs/demo", quick: bool = False, seed: int = 0,
     if len(pairs) < settings.dpo_batch:
         raise UserError(f"the SFT model's samples gave only {len(pairs)} (correct, wrong) pairs, fewer than one "
                         f"batch of {settings.dpo_batch}; sample more prompts or train SFT longer")
-    train_file = write_pairs(os.path.join(output, "data", "pairs.jsonl"), pairs)
+    train_file = write_jsonl(os.path.join(output, "data", "pairs.jsonl"), pairs)
     # No held-out pair (a model that is always right or always wrong) leaves the accuracy undefined.
-    eval_file = write_pairs(os.path.join(output, "data", "heldout_pairs.jsonl"), eval_pairs) if eval_pairs else ""
+    eval_file = write_jsonl(os.path.join(output, "data", "heldout_pairs.jsonl"), eval_pairs) if eval_pairs else ""
     say(f"      {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs -> {os.path.dirname(train_file)}")
 
     say(f"[3/4] DPO (beta {settings.beta}, {settings.dpo_steps} steps of {settings.dpo_batch} pairs) against the "
@@ -59,8 +63,9 @@ def run_demo(output: str = "runs/demo", quick: bool = False, seed: int = 0,
 
     say("[4/4] held-out evaluation")
     with timer("evaluation"):
-        before = pipeline.evaluate_policy(sft_model, tok, splits.heldout, settings, reference_model=sft_model)
-        after = pipeline.evaluate_policy(result.policy, tok, splits.heldout, settings, reference_model=sft_model)
+        before, after = (pipeline.heldout_metrics(m, tok, splits.heldout, settings, reference_model=sft_model)
+                         for m in (sft_model, result.policy))
+    before, after = ({LABELS[k]: v for k, v in ev.items()} for ev in (before, after))
     before["implicit-reward accuracy (held-out pairs)"] = "-"  # policy == reference: every reward is 0
     after["implicit-reward accuracy (held-out pairs)"] = result.final_eval.get("rewards/accuracies", float("nan"))
     wall = time.time() - t_start

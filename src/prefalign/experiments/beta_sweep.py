@@ -73,7 +73,7 @@ def run(ctx: common.Context) -> common.Result:
                f"{len(start.splits.heldout)} held-out problems; every run: {s.dpo_steps} steps of {s.dpo_batch} "
                f"pairs, lr {s.dpo_lr} (constant), from the same SFT model, which is also the reference.",
                "KL (sampled) = mean over held-out prompts of log pi(y|x) - log pi_SFT(y|x) for y sampled from the "
-               "policy at temperature 1 (evaluate.sampled_kl). 'train margin h' is the last step's "
+               "policy at temperature 1 (evaluation.sampled_kl). 'train margin h' is the last step's "
                "rewards/margins divided by beta: the log-ratio margin the loss sees (summed log-probs)."],
         extra={"betas": list(BETAS)},
     )

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from prefalign import checkpoint, monitor
 from prefalign.config import TrainConfig
 from prefalign.experiments import common
+from prefalign.metrics import write_jsonl
 
 BETA = 0.01
 LR = 2e-4     # slower than the demo's DPO lr, so the rise before the fall is visible
@@ -45,7 +46,7 @@ def run(ctx: common.Context) -> common.Result:
     steps = 360 if not ctx.quick else STEPS_QUICK
     every = 30 if not ctx.quick else EVERY_QUICK
     lr = LR if not ctx.quick else LR_QUICK
-    pairs_file = common.write_rows(ctx.path("data", "pairs_subset.jsonl"), start.pairs[:n_pairs])
+    pairs_file = write_jsonl(ctx.path("data", "pairs_subset.jsonl"), start.pairs[:n_pairs])
     ctx.say(f"overtraining DPO: beta {BETA}, lr {lr}, {n_pairs} pairs, {steps} steps of {batch} "
             f"({steps * batch / n_pairs:.0f} epochs), checkpoints every {every} steps")
     with ctx.timer("dpo"):
@@ -85,24 +86,7 @@ def run(ctx: common.Context) -> common.Result:
                     "run-on": (steps_e, [r["run-on"] for r in rows])},
          "ylabel": "held-out fraction", "title": "generation quality at checkpoints", "vlines": vl, "style": "-o"},
     ])
-    peak = max(rows, key=lambda r: r["score (greedy)"])
-    last = rows[-1]
-    chosen_fell = last["logp chosen"] is not None and last["logp chosen"] < rows[0]["logp chosen"]
-    rejected_fell = last["logp rejected"] is not None and last["logp rejected"] < rows[0]["logp rejected"]
-    worse = last["score (greedy)"] < peak["score (greedy)"] - 0.02 or last["malformed"] > rows[0]["malformed"] + 0.02
-    parts = [f"chosen log-prob {rows[0]['logp chosen']:.2f} -> {last['logp chosen']:.2f}, rejected "
-             f"{rows[0]['logp rejected']:.2f} -> {last['logp rejected']:.2f}",
-             f"alarm at step {fired}" if fired else "the alarm never fired",
-             f"greedy score peaked at {peak['score (greedy)']:.3f} (step {peak['step']}) and ended at "
-             f"{last['score (greedy)']:.3f}, malformed answers {rows[0]['malformed']:.3f} -> {last['malformed']:.3f}"]
-    if chosen_fell and rejected_fell and fired and worse:
-        verdict = "Matches the claim: both log-probs fell, the alarm fired, and quality dropped from its peak (" \
-                  + "; ".join(parts) + ")."
-    elif chosen_fell and rejected_fell:
-        verdict = ("Partly: both log-probs fell" + ("" if worse else ", but held-out quality did not drop in this run")
-                   + " (" + "; ".join(parts) + ").")
-    else:
-        verdict = "Does NOT match: the chosen log-prob did not fall (" + "; ".join(parts) + ")."
+    verdict = _verdict(rows, fired)
     return common.Result(
         title="both-drop: overtrained DPO, absolute log-probs and generation quality", rows=rows,
         figures=[fig], verdict=verdict,
@@ -118,3 +102,24 @@ def run(ctx: common.Context) -> common.Result:
                f"while their margin grew beyond its noise."],
         extra={"alarm_step": fired, "n_pairs": n_pairs, "steps": steps},
     )
+
+
+def _verdict(rows: list[dict], fired: int | None) -> str:
+    """Did both log-probs fall, the alarm fire and held-out quality drop from its peak?"""
+    peak = max(rows, key=lambda r: r["score (greedy)"])
+    last = rows[-1]
+    chosen_fell = last["logp chosen"] is not None and last["logp chosen"] < rows[0]["logp chosen"]
+    rejected_fell = last["logp rejected"] is not None and last["logp rejected"] < rows[0]["logp rejected"]
+    worse = last["score (greedy)"] < peak["score (greedy)"] - 0.02 or last["malformed"] > rows[0]["malformed"] + 0.02
+    parts = [f"chosen log-prob {rows[0]['logp chosen']:.2f} -> {last['logp chosen']:.2f}, rejected "
+             f"{rows[0]['logp rejected']:.2f} -> {last['logp rejected']:.2f}",
+             f"alarm at step {fired}" if fired else "the alarm never fired",
+             f"greedy score peaked at {peak['score (greedy)']:.3f} (step {peak['step']}) and ended at "
+             f"{last['score (greedy)']:.3f}, malformed answers {rows[0]['malformed']:.3f} -> {last['malformed']:.3f}"]
+    if chosen_fell and rejected_fell and fired and worse:
+        return "Matches the claim: both log-probs fell, the alarm fired, and quality dropped from its peak (" \
+            + "; ".join(parts) + ")."
+    if chosen_fell and rejected_fell:
+        return ("Partly: both log-probs fell" + ("" if worse else ", but held-out quality did not drop in this run")
+                + " (" + "; ".join(parts) + ").")
+    return "Does NOT match: the chosen log-prob did not fall (" + "; ".join(parts) + ")."

@@ -1,4 +1,5 @@
-"""`prefalign experiment NAME`: experiments checking published claims about DPO as commands (registered by prefalign.cli).
+"""`prefalign experiment NAME`: experiments checking published claims about DPO as commands, and
+`prefalign compare` (offline DPO vs iterative DPO vs GRPO); registered by prefalign.cli.
 
 Each runs on the demo task with no arguments, writes OUTPUT/report.md (table, figures, notes),
 OUTPUT/summary.json and OUTPUT/plots/*.png, and prints the table. The SFT start and the
@@ -66,7 +67,43 @@ def cmd_experiment(args):
     return 0
 
 
+def _compare_default(name: str):
+    """The default of a compare flag that comes from the task (None in CompareSettings), in words."""
+    from prefalign.demo.settings import MAX_NEW_TOKENS, DemoSettings
+    from prefalign.experiments.compare_settings import DEMO_FIELDS, USER_DEFAULTS
+
+    if name not in USER_DEFAULTS:
+        return None
+    demo = MAX_NEW_TOKENS if name == "max_new_tokens" else getattr(DemoSettings(), DEMO_FIELDS[name])
+    return f"default: demo task {demo!r} (DemoSettings); your task {USER_DEFAULTS[name]!r}"
+
+
+def cmd_compare(args):
+    from prefalign.experiments.compare import CompareSettings, compare
+    from prefalign.online.cli import _given_flags
+    from prefalign.validation import check_output_dir
+
+    if args.methods and len(args.methods) == 1 and "," in args.methods[0]:
+        args.methods = args.methods[0].split(",")
+    given = {k: v for k, v in _given_flags(CompareSettings, args).items() if k != "quick"}
+    s = (CompareSettings.quick_settings if args.quick else CompareSettings)(**given)
+    check_output_dir(s.output, "--output")
+    compare(s)
+
+
 def register(sub) -> None:
+    # The settings class only: the loops (torch, transformers) load when a command runs.
+    from prefalign.experiments.compare_settings import CompareSettings
+    from prefalign.online.cli import add_dataclass_flags
+
+    p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO from the same SFT model: "
+                                       "held-out score, stability, time, memory (demo task by default)",
+                       description="Aligns one SFT model three ways and writes OUTPUT/report.md (table + plots). "
+                                   "Without --model it runs on the demo task, whose numbers default to "
+                                   "`prefalign demo`'s (DemoSettings); see docs/compare.md.")
+    add_dataclass_flags(p, CompareSettings, defaults_help=_compare_default)
+    p.set_defaults(func=cmd_compare)
+
     lines = "\n".join(f"  {n:14s} {h}" for n, (_, h) in EXPERIMENTS.items())
     import argparse
 

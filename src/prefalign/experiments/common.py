@@ -22,9 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-from prefalign import report
+from prefalign import evaluation, report
 from prefalign.demo import pipeline, task
 from prefalign.demo.pipeline import DemoSettings
 
@@ -70,11 +68,6 @@ def make_context(name: str, output: str = "", quick: bool = False, seed: int = 0
     os.makedirs(os.path.join(output, "plots"), exist_ok=True)
     return Context(name, output, quick, seed, settings, cache, command or f"prefalign experiment {name}",
                    dict(options or {}))
-
-
-def with_settings(ctx: Context, **overrides) -> DemoSettings:
-    """A copy of the context's demo settings with some fields changed (for one run of an experiment)."""
-    return dataclasses.replace(ctx.settings, **overrides)
 
 
 # --------------------------------------------------------------------------- the shared start
@@ -128,7 +121,8 @@ def demo_start(ctx: Context, min_pairs: int | None = None) -> Start:
 
 
 def _start_locked(ctx: Context, s: DemoSettings, min_pairs: int) -> Start:
-    from prefalign.online.pairs import read_pairs, write_pairs
+    from prefalign.metrics import write_jsonl
+    from prefalign.online.pairs import read_pairs
 
     with ctx.timer("sft (cached after the first run)"):
         sft, tok, splits = pipeline.sft_start(ctx.cache, s)
@@ -151,8 +145,8 @@ def _start_locked(ctx: Context, s: DemoSettings, min_pairs: int) -> Start:
         pairs, topped = pairs + extra, len(extra)
     if len(eval_pairs) < 8:
         eval_pairs = eval_pairs + teacher_pairs(splits.heldout[:8], s.seed + 2)
-    write_pairs(train_file, pairs)
-    write_pairs(eval_file, eval_pairs)
+    write_jsonl(train_file, pairs)
+    write_jsonl(eval_file, eval_pairs)
     with open(meta_file, "w") as fh:
         json.dump({"topped_up": topped, "pairs": len(pairs), "eval_pairs": len(eval_pairs)}, fh)
     return Start(sft, tok, splits, train_file, eval_file, pairs, eval_pairs, topped)
@@ -169,91 +163,41 @@ def dpo(*args, **kwargs):
     return res
 
 
-def write_rows(path: str, rows: list[dict]) -> str:
-    return pipeline.write_jsonl(path, rows)
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
-def degenerate_fraction(model, tok, problems: list[task.Problem], seed: int, max_new_tokens: int | None = None) -> dict:
-    """Greedy answers that are not a well-formed number (empty, junk, leading zeros) or that run
-    on to the token limit without an end-of-sequence token."""
-    from prefalign.online.generate import SamplingConfig, generate
-
-    gen = generate(model, tok, [p.prompt for p in problems],
-                   SamplingConfig(max_new_tokens=max_new_tokens or pipeline.MAX_NEW_TOKENS, temperature=0.0,
-                                  n=1, seed=seed))
-    bad_format = sum(not task.format_ok(t) for t in gen.texts) / len(problems)
-    run_on = sum(r == "length" for r in gen.finish_reasons) / len(problems)
-    empty = sum(not t.strip() for t in gen.texts) / len(problems)
-    return {"malformed": bad_format, "run-on": run_on, "empty": empty, "texts": gen.texts,
-            "finish_reasons": gen.finish_reasons}
+# generation_metrics' keys -> the experiments' column names
+LABELS = {"score": "score (greedy)", "score_sampled": "score (sampled)", "length": "length (tokens)",
+          "kl": "KL (sampled)", "malformed": "malformed", "run_on": "run-on"}
 
 
-SHORT = {"verifier score (greedy)": "score (greedy)", "verifier score (sampled)": "score (sampled)",
-         "mean length (tokens)": "length (tokens)", "KL to reference (sampled)": "KL (sampled)"}
+def pair_logratios(model, start: Start):
+    """evaluation.pair_logratios of `model` vs the SFT model on the held-out pairs."""
+    return evaluation.pair_logratios(model, start.sft, start.tok, start.eval_file, max_length=16)
 
 
 def evaluate(ctx: Context, start: Start, model, pref: bool = True, degenerate: bool = False) -> dict:
     """Held-out verifier scores, length, KL to the SFT model on the policy's samples, and (pref)
     the implicit-reward preference accuracy on held-out pairs; (degenerate) malformed/run-on answers."""
     with ctx.timer("evaluation"):
-        out = pipeline.evaluate_policy(model, start.tok, start.splits.heldout, ctx.settings, reference_model=start.sft)
-        out = {SHORT.get(k, k): v for k, v in out.items()}
+        ev = pipeline.heldout_metrics(model, start.tok, start.splits.heldout, ctx.settings, reference_model=start.sft,
+                                      degenerate=degenerate)
+        out = {LABELS[k]: ev[k] for k in ("score", "score_sampled", "length", "kl")}
         if pref:
-            out["pref. accuracy (held-out)"] = preference_accuracy(model, start.sft, start.tok, start.eval_file)
+            rw, rl = pair_logratios(model, start)
+            out["pref. accuracy (held-out)"] = (rw > rl).float().mean().item()
         if degenerate:
-            d = degenerate_fraction(model, start.tok, start.splits.heldout, ctx.settings.seed)
-            out["malformed"], out["run-on"] = d["malformed"], d["run-on"]
+            out.update({LABELS[k]: ev[k] for k in ("malformed", "run_on")})
     return out
-
-
-@torch.no_grad()
-def pair_logratios(model, ref, tok, pairs_file: str, batch_size: int = 256):
-    """Per held-out pair: (chosen log-ratio, rejected log-ratio) of model vs ref, summed over tokens."""
-    from prefalign import objective
-    from prefalign.data.formats import load_examples
-    from prefalign.data.tokenize import tokenize_examples
-
-    items = tokenize_examples(load_examples(pairs_file, kind="paired").examples, tok, max_length=16).items
-    was = model.training
-    model.eval()
-    rw, rl = [], []
-    for i in range(0, len(items), batch_size):
-        batch = items[i:i + batch_size]
-        prompts = [it.prompt_ids for it in batch]
-        for comps, acc in (([it.chosen_ids for it in batch], rw), ([it.rejected_ids for it in batch], rl)):
-            kw = dict(pad_id=tok.pad_token_id, chunk_size=0)
-            acc.append(objective.completion_logps(model, prompts, comps, **kw).sum
-                       - objective.completion_logps(ref, prompts, comps, **kw).sum)
-    model.train(was)
-    return torch.cat(rw), torch.cat(rl)
-
-
-def preference_accuracy(model, ref, tok, pairs_file: str) -> float:
-    """Share of held-out pairs whose implicit reward ranks chosen above rejected (loss-independent:
-    the sign of the log-ratio margin h, which no beta changes). 0 for the reference itself."""
-    rw, rl = pair_logratios(model, ref, tok, pairs_file)
-    return (rw > rl).float().mean().item()
 
 
 # --------------------------------------------------------------------------- plots and the report
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(path: str, panels: list[dict], title: str = "", width: float = 6.0) -> str:
     """One PNG with one or more panels side by side. A panel: {"series": {label: (xs, ys)},
     "xlabel", "ylabel", "title", "logx", "hlines": {label: y}, "vlines": {label: x}, "style": "-o"}."""
-    plt = _plt()
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) ** 0.8, 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for label, (xs, ys) in panel.get("series", {}).items():
@@ -289,15 +233,6 @@ def series(history: list[dict], key: str, scale: float = 1.0):
     """(steps, values) of one metric in a run's history (skips steps that did not log it)."""
     pts = [(r["step"], r[key] * scale) for r in history if isinstance(r.get(key), (int, float))]
     return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
-
-
-def smooth(ys: list[float], k: int = 5) -> list[float]:
-    """Trailing moving average (the training metrics of one batch are noisy)."""
-    out = []
-    for i in range(len(ys)):
-        window = ys[max(0, i - k + 1):i + 1]
-        out.append(sum(window) / len(window))
-    return out
 
 
 def write_report(ctx: Context, res: Result) -> dict:

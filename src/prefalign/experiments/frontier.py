@@ -17,6 +17,7 @@ T = 1 too), whatever reward the method trained on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -97,7 +98,7 @@ def grpo_points(ctx: common.Context, start: common.Start, budget: Budget, prompt
         # compare's GRPO (Dr. GRPO: no std scaling, constant normalizer), only beta varies
         cfg = GRPOConfig(output=ctx.path(f"grpo-{kl}"), reward=[rlhf.DEMO_VERIFIER], steps=budget.grpo_steps,
                          prompts_per_step=budget.grpo_prompts, group_size=budget.grpo_group, lr=budget.grpo_lr,
-                         beta=kl, scale="none", aggregation="dr_grpo", max_new_tokens=common.pipeline.MAX_NEW_TOKENS,
+                         kl_coef=kl, scale="none", aggregation="dr_grpo", max_new_tokens=common.pipeline.MAX_NEW_TOKENS,
                          max_prompt_length=16, temperature=s.temperature, seed=s.seed, progress=False,
                          save_model=False, overwrite=True)
         with ctx.timer("grpo"):
@@ -163,7 +164,7 @@ def figure(ctx: common.Context, rows: list[dict], base: dict) -> str:
 
 
 def run(ctx: common.Context) -> common.Result:
-    from prefalign.online.grpo import load_prompts
+    from prefalign.online.common import load_prompts
 
     budget = Budget.quick() if ctx.quick else Budget()
     reward_kind = ctx.options.get("ppo_reward") or rlhf.DEFAULT_PPO_REWARD
@@ -193,6 +194,6 @@ def run(ctx: common.Context) -> common.Result:
                "KL (sampled): mean over held-out prompts of log pi(y|x) - log pi_SFT(y|x), y sampled from the "
                "policy at T = 1. score: the verifier on held-out problems (greedy and T = 1). gen s: sampling "
                "and scoring inside training; train s: the rest of training (DPO: all of it)."],
-        extra={"budget": {k: (v if not hasattr(v, "__dataclass_fields__") else vars(v)) for k, v in vars(budget).items()},
+        extra={"budget": dataclasses.asdict(budget),
                "ppo_reward": reward_kind, **rm_stats},
     )

@@ -32,7 +32,7 @@ def run(ctx: common.Context) -> common.Result:
                                loss=loss, beta=BETA, lr=LR, max_steps=steps, save_model=False)
         hists[loss] = res.history
         ev = common.evaluate(ctx, start, res.policy)
-        rw, rl = common.pair_logratios(res.policy, start.sft, start.tok, start.eval_file)
+        rw, rl = common.pair_logratios(res.policy, start)
         tail = [r["rewards/margins"] / BETA for r in res.history[-max(1, len(res.history) // 10):]]
         rows.append({"run": loss.upper(), "train h (last 10%)": sum(tail) / len(tail),
                      "held-out h": (rw - rl).mean().item(), **ev})

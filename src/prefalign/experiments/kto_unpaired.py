@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 
 from prefalign.experiments import common
+from prefalign.metrics import write_jsonl
 
 
 def unpaired_rows(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -43,9 +44,9 @@ def run(ctx: common.Context) -> common.Result:
     kb = min(2 * s.dpo_batch, len(few_good) + len(bad))  # completions per KTO step (quick runs have few rows)
     variants = [
         ("DPO (pairs)", start.train_file, dict(loss="dpo"), len(start.pairs), "pairs"),
-        ("KTO balanced", common.write_rows(ctx.path("data", "kto_balanced.jsonl"), interleave(good, bad, s.seed)),
+        ("KTO balanced", write_jsonl(ctx.path("data", "kto_balanced.jsonl"), interleave(good, bad, s.seed)),
          dict(loss="kto", batch_size=kb), f"{len(good)}:{len(bad)}", "unpaired"),
-        ("KTO 1:4, weights 1/1", common.write_rows(ctx.path("data", "kto_1to4.jsonl"), interleave(few_good, bad, s.seed)),
+        ("KTO 1:4, weights 1/1", write_jsonl(ctx.path("data", "kto_1to4.jsonl"), interleave(few_good, bad, s.seed)),
          dict(loss="kto", batch_size=kb), f"{len(few_good)}:{len(bad)}", "unpaired"),
         ("KTO 1:4, desirable_weight 4", ctx.path("data", "kto_1to4.jsonl"),
          dict(loss="kto", batch_size=kb, desirable_weight=4.0), f"{len(few_good)}:{len(bad)}", "unpaired"),

@@ -21,7 +21,8 @@ import torch
 
 from prefalign.demo import task
 from prefalign.experiments import common
-from prefalign.online.generate import SamplingConfig, generate
+from prefalign.metrics import write_jsonl
+from prefalign.sampling import SamplingConfig, generate
 
 FILLER = " "
 LONG_TOKENS = 10
@@ -69,8 +70,8 @@ def filler_prob(model, tok, problems: list[task.Problem]) -> float:
 def run(ctx: common.Context) -> common.Result:
     start = common.demo_start(ctx)
     s = ctx.settings
-    biased = common.write_rows(ctx.path("data", "biased.jsonl"), pad_pairs(start.pairs, s.seed, both=False))
-    balanced = common.write_rows(ctx.path("data", "balanced.jsonl"), pad_pairs(start.pairs, s.seed, both=True))
+    biased = write_jsonl(ctx.path("data", "biased.jsonl"), pad_pairs(start.pairs, s.seed, both=False))
+    balanced = write_jsonl(ctx.path("data", "balanced.jsonl"), pad_pairs(start.pairs, s.seed, both=True))
     variants = [
         ("DPO, clean pairs", start.train_file, dict(beta=BETA)),
         ("DPO, biased (chosen longer)", biased, dict(beta=BETA)),

@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from prefalign.experiments import common
+from prefalign.metrics import write_jsonl
 
 SIZE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=8)
@@ -96,7 +97,7 @@ def run(ctx: common.Context) -> common.Result:
     size = QUICK_SIZE if ctx.quick else SIZE
     steps, batch = (2, 4) if ctx.quick else (6, 8)
     n = min(len(start.pairs), steps * batch)
-    data = common.write_rows(ctx.path("data", "pairs_subset.jsonl"), start.pairs[:n])
+    data = write_jsonl(ctx.path("data", "pairs_subset.jsonl"), start.pairs[:n])
     rows, raw = [], {}
     mp = multiprocessing.get_context("spawn")
     for i, (name, r, ref) in enumerate(VARIANTS):
@@ -117,7 +118,6 @@ def run(ctx: common.Context) -> common.Result:
                      "peak RSS (MB)": m["peak_rss"], "peak - model (MB)": m["peak_rss"] - m["base_rss"],
                      "step (s)": m["step_s"], "setup incl. precompute (s)": m["setup_s"],
                      "weights changed": changed})
-    names = [r["run"].replace(", ", "\n") for r in rows]
     xs = list(range(len(rows)))
     fig = common.plot(ctx.path("plots", "lora_memory.png"), [
         {"series": {"peak RSS - RSS after model": (xs, [r["peak - model (MB)"] for r in rows]),

@@ -1,7 +1,7 @@
-"""The online commands: `prefalign generate`, `grpo`, `ppo`, `iterate`, `compare`.
+"""The online commands: `prefalign generate`, `grpo`, `ppo`, `iterate`.
 
-Registered by prefalign.cli (`_extra_commands`). Every field of GRPOConfig / IterativeConfig /
-CompareSettings is a flag (steps <-> --steps) and, for grpo and iterate, a key of a --config
+Registered by prefalign.cli (`_extra_commands`). Every field of GRPOConfig / IterativeConfig
+(and of CompareSettings, experiments.cli) is a flag (steps <-> --steps) and, for grpo and iterate, a key of a --config
 YAML file; flags win over the file. Errors the user can fix (a bad flag, a reward function that
 raises or returns the wrong thing) print one line and exit 2 through prefalign.cli.main.
 """
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import json
-import os
 import typing
 
 from prefalign import validation
 from prefalign.errors import UserError
-from prefalign.validation import add_ranged, check_output_dir, check_output_file, path_arg
+from prefalign.trl_keys import translate
+from prefalign.validation import add_ranged, check_output_file, path_arg
+
+
+ALIAS = "alias__"  # the argparse dest prefix of an alias flag
 
 
 def _default(f: dataclasses.Field):
@@ -56,6 +57,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             parser.add_argument(flag, type=type(default), choices=choices, **kw)
         else:
             parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kw)
+    # --beta: GRPO's kl_coef under TRL's name. Unlisted, as train's TRL names are (docs/trl.md).
+    for alias, name in getattr(cls, "ALIASES", {}).items():
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        parser.add_argument("--" + alias.replace("_", "-"), dest=ALIAS + alias, default=None,
+                            type=type(_default(field)), choices=field.metadata.get("choices"), help=argparse.SUPPRESS)
 
 
 def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
@@ -68,12 +74,10 @@ def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
         from prefalign.yamlio import load_mapping
 
         config_path = validation.expand(config_path)
-        mapping = load_mapping(config_path)
-        unknown = [_hinted(key, names) for key in mapping if key.replace("-", "_") not in names]
-        if unknown:  # all of them at once: a file written for another tool has several
-            raise UserError(f"{config_path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
-        for key, value in mapping.items():
-            name = key.replace("-", "_")
+        # Unknown keys all at once (a file written for another tool has several); aliases (GRPO's
+        # `beta`, TRL's name) become their fields, as `prefalign train` does for TRL's names.
+        mapping = translate(load_mapping(config_path), names, config_path, getattr(cls, "ALIASES", {}))
+        for name, value in mapping.items():
             value = validation.coerce(name, value, types[name], config_path, ranges.get(name))
             _refuse_outside(name, value, ranges, config_path)
             values[name] = validation.expand(value) if name in paths else value
@@ -86,11 +90,6 @@ def from_flags(cls, args, config_path: str = "", extra: dict | None = None):
         raise UserError(f"{config_path or 'flags'}: {e}") from None
 
 
-def _hinted(key: str, names) -> str:
-    close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
-    return f"'{key}' (did you mean '{close[0]}'?)" if close else f"'{key}'"
-
-
 def _refuse_outside(name: str, value, ranges: dict, where: str) -> None:
     msg = validation.problem(name, value, ranges.get(name))
     if msg:
@@ -98,9 +97,13 @@ def _refuse_outside(name: str, value, ranges: dict, where: str) -> None:
 
 
 def _given_flags(cls, args) -> dict:
-    """The fields of `cls` set by a flag, each checked against cls.RANGES (the refusal names the flag)."""
-    ranges = getattr(cls, "RANGES", {})
+    """The fields of `cls` set by a flag (or an alias flag: --beta), each checked against cls.RANGES
+    (the refusal names the flag)."""
+    ranges, aliases = getattr(cls, "RANGES", {}), getattr(cls, "ALIASES", {})
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    given.update({alias: getattr(args, ALIAS + alias) for alias in aliases
+                  if getattr(args, ALIAS + alias, None) is not None})
+    given = translate(given, given, "flags", aliases)  # a field set under both names is refused
     for name, value in given.items():
         _refuse_outside(name, value, ranges, "--" + name.replace("_", "-"))
     return given
@@ -124,8 +127,9 @@ def _parse_sets(pairs: list[str] | None) -> dict:
 def cmd_generate(args):
     """Model + prompts file -> JSONL of completions (one row per sample), optionally scored."""
     from prefalign import models
-    from prefalign.online.generate import SamplingConfig, generate
-    from prefalign.online.grpo import load_prompts, make_reward
+    from prefalign.metrics import write_jsonl
+    from prefalign.online.common import load_prompts, make_reward
+    from prefalign.sampling import SamplingConfig, generate
 
     check_output_file(args.output, "--output")
     tok = models.load_tokenizer(args.tokenizer or args.model)
@@ -137,16 +141,16 @@ def cmd_generate(args):
     idx = list(range(len(pset)))
     _, texts, extra = pset.select(idx, repeat=args.n)
     rewards = make_reward(args.reward).score(texts, gens.texts, extra).total if args.reward else None
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as fh:
-        for k in range(len(gens)):
-            i = k // args.n
-            row = {"prompt": pset.raw[i], "completion": gens.texts[k], "sample": k % args.n,
-                   "finish_reason": gens.finish_reasons[k], "num_tokens": len(gens.token_ids[k])}
-            if rewards is not None:
-                row["reward"] = rewards[k]
-            row.update({c: v[i] for c, v in pset.extra.items() if c not in row})
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows = []
+    for k in range(len(gens)):
+        i = k // args.n
+        row = {"prompt": pset.raw[i], "completion": gens.texts[k], "sample": k % args.n,
+               "finish_reason": gens.finish_reasons[k], "num_tokens": len(gens.token_ids[k])}
+        if rewards is not None:
+            row["reward"] = rewards[k]
+        row.update({c: v[i] for c, v in pset.extra.items() if c not in row})
+        rows.append(row)
+    write_jsonl(args.output, rows)
     print(f"{len(gens)} completions ({gens.num_tokens} tokens, {gens.tokens_per_second:.0f} tokens/s) -> {args.output}"
           + (f"  mean reward {sum(rewards) / len(rewards):.4g}" if rewards else ""))
 
@@ -192,31 +196,9 @@ def cmd_iterate(args):
           + (f" -> {after:.3g} (final policy)" if after is not None else ""))
 
 
-def _compare_default(name: str):
-    """The default of a compare flag that comes from the task (None in CompareSettings), in words."""
-    from prefalign.demo.settings import MAX_NEW_TOKENS, DemoSettings
-    from prefalign.online.settings import DEMO_FIELDS, USER_DEFAULTS
-
-    if name not in USER_DEFAULTS:
-        return None
-    demo = MAX_NEW_TOKENS if name == "max_new_tokens" else getattr(DemoSettings(), DEMO_FIELDS[name])
-    return f"default: demo task {demo!r} (DemoSettings); your task {USER_DEFAULTS[name]!r}"
-
-
-def cmd_compare(args):
-    from prefalign.online.compare import CompareSettings, compare
-
-    if args.methods and len(args.methods) == 1 and "," in args.methods[0]:
-        args.methods = args.methods[0].split(",")
-    given = {k: v for k, v in _given_flags(CompareSettings, args).items() if k != "quick"}
-    s = (CompareSettings.quick_settings if args.quick else CompareSettings)(**given)
-    check_output_dir(s.output, "--output")
-    compare(s)
-
-
 def register(sub) -> None:
     # The settings classes only: the loops (torch, transformers) load when a command runs.
-    from prefalign.online.settings import CompareSettings, GRPOConfig, IterativeConfig, PPOConfig
+    from prefalign.online.settings import GRPOConfig, IterativeConfig, PPOConfig
 
     p = sub.add_parser("generate", help="sample completions for a prompts file (JSONL out), optionally scored")
     p.add_argument("--model", type=path_arg, required=True, help="model: a local path or a hub id (required)")
@@ -256,11 +238,3 @@ def register(sub) -> None:
                    help="a `prefalign train` config key for each round's DPO (repeatable), e.g. --set warmup_steps=10 (default: none)")
     add_dataclass_flags(p, IterativeConfig)
     p.set_defaults(func=cmd_iterate)
-
-    p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO from the same SFT model: "
-                                       "held-out score, stability, time, memory (demo task by default)",
-                       description="Aligns one SFT model three ways and writes OUTPUT/report.md (table + plots). "
-                                   "Without --model it runs on the demo task, whose numbers default to "
-                                   "`prefalign demo`'s (DemoSettings); see docs/compare.md.")
-    add_dataclass_flags(p, CompareSettings, defaults_help=_compare_default)
-    p.set_defaults(func=cmd_compare)

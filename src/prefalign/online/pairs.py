@@ -1,9 +1,9 @@
 """Preference pairs from scored samples: the bridge from an online round to DPO.
 
     rows = build_pairs(prompts, completions, rewards, group_size=8, min_gap=0.5)
-    write_pairs("round-1/pairs.jsonl", rows)      # what `prefalign train --data` reads
+    write_jsonl("round-1/pairs.jsonl", rows)      # (prefalign.metrics) what `prefalign train --data` reads
 
-Samples come grouped by prompt (row i * G + g is sample g of prompt i, as `online.generate`
+Samples come grouped by prompt (row i * G + g is sample g of prompt i, as `prefalign.sampling`
 returns them). Within a group, completions are ranked by reward; pair k is the k-th best
 against the k-th worst, kept only when their reward gap is at least `min_gap` and the two
 texts differ. With pairs_per_prompt=1 this is the usual "best vs worst" of iterative DPO
@@ -22,7 +22,6 @@ one could not be trained on.
 from __future__ import annotations
 
 import json
-import os
 
 
 def build_pairs(
@@ -72,17 +71,6 @@ def build_pairs(
             row.update({k_: v[i] for k_, v in extra.items()})
             rows.append(row)
     return rows
-
-
-def write_pairs(path: str, rows: list[dict]) -> str:
-    """Write pairs as JSONL (atomically: a crash never leaves half a file). Returns the path."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def read_pairs(path: str) -> list[dict]:

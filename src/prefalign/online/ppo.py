@@ -10,7 +10,7 @@ reward (a function or a reward model, under no_grad) and the value model (traine
 online/value.py for why it is separate and where it starts).
 
 One step (one generation batch of P prompts, one completion each):
-  1. sample from the current policy (online.generate, KV cache; seed = f(seed, step));
+  1. sample from the current policy (prefalign.sampling, KV cache; seed = f(seed, step));
   2. score each completion: s [P] (online.rewards, any load_reward spec);
   3. rollout, no grad: log-probs of the policy and the reference and the values, per token;
      rewards r_t = -kl_coef (log pi - log pi_ref) plus s at the last token
@@ -53,9 +53,10 @@ from prefalign.lean import lean_mlps
 from prefalign.losses.ppo import (AdaptiveKL, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
                                   kl_penalty_rewards, masked_mean, whiten)
 from prefalign.metrics import Console, MetricsLog, peak_memory_mb, read_jsonl
-from prefalign.online.generate import SamplingConfig, generate
-from prefalign.online.grpo import (PromptSet, autocast_for, completion_token_logps, load_policy, load_prompts,
-                                   make_reward, plot_run)
+from prefalign.online.common import (PromptSet, completion_token_logps, load_policy, load_prompts, make_reward,
+                                     plot_run)
+from prefalign.prepare import autocast
+from prefalign.sampling import SamplingConfig, generate
 from prefalign.online.settings import PPOConfig  # noqa: F401 (the CLI imports the settings without torch)
 from prefalign.online.value import build_value_model, completion_token_values, value_source
 from prefalign.train import _signal_handlers_kept, _Stop, lr_lambda, step_indices
@@ -245,7 +246,7 @@ def _setup(cfg: PPOConfig, model, tokenizer, prompts, reward, ref_model, value_m
     total = cfg.steps * cfg.ppo_epochs * cfg.minibatches_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
-    return _Run(cfg, actors, ref, tok, pset, score_fn, opt, sched, kl, autocast_for(cfg.precision, device), fp)
+    return _Run(cfg, actors, ref, tok, pset, score_fn, opt, sched, kl, autocast(cfg, device), fp)
 
 
 def _fingerprint(cfg: PPOConfig, model) -> dict:
@@ -315,7 +316,10 @@ def ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts=None, reward=None
         value_model=None) -> PPOResult:
     """Run PPO-RLHF. Objects (model, tokenizer, prompts, reward, ref_model, value_model) override
     the config's paths and specs. The output directory is held (rundir.claim) for the whole run."""
+    from prefalign.config import check_attention
+
     cfg.validate()
+    check_attention(cfg.attention)  # before the output directory is touched
     cfg = dataclasses.replace(cfg, precision=hardware.announce(cfg.precision))  # config.yaml records what ran
     with rundir.claim(cfg), _signal_handlers_kept():
         return _ppo(cfg, model, tokenizer, prompts, reward, ref_model, value_model)

@@ -1,5 +1,7 @@
-"""Held-out evaluation: implicit-reward accuracy and margins on pairs, the KL to the
-reference measured on the policy's OWN samples, and mean lengths.
+"""Held-out evaluation, the one path `prefalign eval`, the trainer's eval, the demo, compare and the
+experiments use: implicit-reward accuracy, margins and log-probs on pairs (pair_metrics,
+pair_logratios), the KL to the reference measured on the policy's OWN samples (sampled_kl), and
+the reward/verifier score, length and degenerate share of its generations (generation_metrics).
 
 KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)]: we sample y from the policy and
 average the summed log-ratio; the pairs' log-ratio (logged during training) is not a KL.
@@ -66,7 +68,7 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_ne
     """KL(pi || ref) on samples of the policy, with their mean length.
 
     `reference` is a prefalign.reference.Reference (copy or adapters-off)."""
-    from prefalign.online.generate import SamplingConfig, generate
+    from prefalign.sampling import SamplingConfig, generate
 
     kls, lengths = [], []
     for i in range(0, len(prompts), batch_size):
@@ -81,6 +83,64 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[int]], *, max_ne
     kl = torch.cat(kls)
     return {"kl/sampled": kl.mean().item(), "kl/sampled_std": kl.std().item() if len(kl) > 1 else 0.0,
             "lengths/sampled": torch.cat(lengths).mean().item()}
+
+
+@torch.no_grad()
+def pair_logratios(model, ref_model, tokenizer, pairs_file: str, *, max_length: int, batch_size: int = 256):
+    """Per pair of `pairs_file`: (chosen log-ratio, rejected log-ratio) of model vs ref_model, summed
+    over tokens. Their difference is the implicit-reward margin up to beta, so (rw > rl).mean() is the
+    preference accuracy at any beta (0 for the reference itself)."""
+    from prefalign.data.formats import load_examples
+    from prefalign.data.tokenize import tokenize_examples
+
+    items = tokenize_examples(load_examples(pairs_file, kind="paired").examples, tokenizer, max_length=max_length).items
+    was = model.training
+    model.eval()
+    rw, rl = [], []
+    kw = dict(pad_id=tokenizer.pad_token_id, chunk_size=0)
+    for i in range(0, len(items), batch_size):
+        batch = items[i:i + batch_size]
+        prompts = [it.prompt_ids for it in batch]
+        for comps, acc in (([it.chosen_ids for it in batch], rw), ([it.rejected_ids for it in batch], rl)):
+            acc.append(objective.completion_logps(model, prompts, comps, **kw).sum
+                       - objective.completion_logps(ref_model, prompts, comps, **kw).sum)
+    model.train(was)
+    return torch.cat(rw), torch.cat(rl)
+
+
+@torch.no_grad()
+def generation_metrics(policy, tokenizer, prompts: list[list[int]], score, *, max_new_tokens: int, seed: int = 0,
+                       reference_model=None, well_formed=None, batch_size: int = 256) -> dict:
+    """What the policy's completions of held-out `prompts` (token ids) are worth.
+
+    score: completion texts (in prompt order) -> one reward each (a verifier, a reward model).
+    Returns score (mean over greedy completions), score_sampled (one sample each at temperature 1,
+    seed + 1), length (mean greedy completion tokens); with `reference_model`, kl = KL(policy ||
+    reference) on the policy's samples (seed + 2); with `well_formed` (text -> bool), the degenerate
+    shares of the greedy completions: malformed (not well formed) and run_on (stopped by the token
+    limit, no end-of-sequence)."""
+    from prefalign.sampling import SamplingConfig, generate
+    from prefalign.reference import ModelReference
+
+    was = policy.training
+    policy.eval()
+    try:
+        greedy = generate(policy, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0))
+        sampled = generate(policy, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new_tokens, seed=seed + 1))
+        n = len(prompts)
+        out = {"score": sum(score(greedy.texts)) / n, "score_sampled": sum(score(sampled.texts)) / n,
+               "length": greedy.num_tokens / n}
+        if reference_model is not None:
+            ref = ModelReference(reference_model, pad_id=tokenizer.pad_token_id, packing=False, token_budget=0,
+                                 chunk_size=0)
+            out["kl"] = sampled_kl(policy, ref, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed + 2,
+                                   batch_size=batch_size)["kl/sampled"]
+        if well_formed is not None:
+            out["malformed"] = sum(not well_formed(t) for t in greedy.texts) / n
+            out["run_on"] = sum(r == "length" for r in greedy.finish_reasons) / n
+    finally:
+        policy.train(was)
+    return out
 
 
 def run_eval(args, *, model=None, tokenizer=None, ref_model=None) -> dict:
@@ -124,5 +184,3 @@ def run_eval(args, *, model=None, tokenizer=None, ref_model=None) -> dict:
     return results
 
 
-# `prefalign.evaluate(...)` is the Python API's evaluate (prefalign.api.evaluate); see prefalign/__init__.py.
-__import__("prefalign").callable_module(__name__, "evaluate")

@@ -171,7 +171,7 @@ def _decode_chunk(model, tokenizer, prompt_ids, cfg, gen, stop_ids, pad_id, devi
     n, max_new = cfg.n, cfg.max_new_tokens
     P, L = len(prompt_ids), max(len(p) for p in prompt_ids)
     B = P * n
-    fwd = _forward_kwargs(model)
+    fwd = forward_kwargs(model)
 
     # Left-pad: [P, L]
     input_ids = torch.full((P, L), pad_id, dtype=torch.long)
@@ -184,7 +184,7 @@ def _decode_chunk(model, tokenizer, prompt_ids, cfg, gen, stop_ids, pad_id, devi
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                                    # [P, L]
 
     cache = DynamicCache(config=model.config)
-    logits = _forward(model, fwd, input_ids, attn, pos, cache, prefill=True)    # [P, V]
+    logits = _forward(model, fwd, input_ids, attn, pos, cache)    # [P, V]
     if n > 1:  # the prefix is computed once per prompt, then shared by its n samples
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)                             # [B, V]
@@ -236,7 +236,7 @@ def _decode_chunk(model, tokenizer, prompt_ids, cfg, gen, stop_ids, pad_id, devi
 
         # One token per row; finished-but-kept rows run along and their outputs are ignored.
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)          # [b, L + t + 1]
-        logits = _forward(model, fwd, tok[:, None], attn, next_pos[:, None], cache, prefill=False)
+        logits = _forward(model, fwd, tok[:, None], attn, next_pos[:, None], cache)
         next_pos = next_pos + 1
 
     out_tok, out_lp, length = out_tok.tolist(), out_lp.tolist(), length.tolist()
@@ -282,7 +282,7 @@ def _sample(logits, cfg, gen, rows, B):
     return tok, logp
 
 
-def _forward_kwargs(model) -> dict:
+def forward_kwargs(model) -> dict:
     """Which keyword names this model's forward takes (transformers 5 says `cache`, 4.x `past_key_values`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes **kwargs on
     params = inspect.signature(base.forward).parameters
@@ -293,7 +293,7 @@ def _forward_kwargs(model) -> dict:
     }
 
 
-def _forward(model, fwd, input_ids, attn, pos, cache, prefill):
+def _forward(model, fwd, input_ids, attn, pos, cache):
     """One forward pass -> logits of the last position [b, V] in fp32."""
     kwargs = {"input_ids": input_ids, "attention_mask": attn, fwd["cache"]: cache, "use_cache": True}
     if fwd["position_ids"]:

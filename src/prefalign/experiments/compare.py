@@ -45,11 +45,11 @@ import torch
 
 from prefalign.errors import UserError
 from prefalign.metrics import peak_memory_mb
-from prefalign.online.generate import SamplingConfig, generate
-from prefalign.online.grpo import GRPOConfig, PromptSet, grpo, load_prompts, make_reward
+from prefalign.online.common import PromptSet, load_prompts, make_reward
+from prefalign.online.grpo import GRPOConfig, grpo
 from prefalign.online.iterative import IterativeConfig, iterate
-from prefalign.online.settings import (  # noqa: F401 (the settings live apart: the CLI imports them without torch)
-    DEMO_FIELDS, DEMO_REWARD, LABELS, METHODS, USER_DEFAULTS, CompareSettings, _demo_settings,
+from prefalign.experiments.compare_settings import (  # the settings live apart: the CLI imports them without torch
+    DEMO_REWARD, LABELS, METHODS, CompareSettings, _demo_settings,
 )
 
 
@@ -153,19 +153,15 @@ def _slice(p: PromptSet, lo: int, hi: int) -> PromptSet:
     return PromptSet(p.ids[lo:hi], p.texts[lo:hi], {k: v[lo:hi] for k, v in p.extra.items()}, p.raw[lo:hi])
 
 
-@torch.no_grad()
 def evaluate(policy, tok, heldout: PromptSet, reward, sft_model, max_new_tokens: int, seed: int) -> dict:
-    """Held-out reward of greedy and of sampled completions, KL to the SFT model, mean length."""
-    from prefalign.evaluate import sampled_kl
-    from prefalign.reference import ModelReference
+    """evaluation.generation_metrics on the held-out prompts, scored by `reward`, KL to the SFT model."""
+    from prefalign.evaluation import generation_metrics
 
-    greedy = generate(policy, tok, heldout.ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0))
-    sampled = generate(policy, tok, heldout.ids, SamplingConfig(max_new_tokens=max_new_tokens, seed=seed + 1))
-    score = lambda g: sum(reward.score(heldout.texts, g.texts, heldout.extra).total) / len(g)  # noqa: E731
-    ref = ModelReference(sft_model, pad_id=tok.pad_token_id, packing=False, token_budget=0, chunk_size=0)
-    kl = sampled_kl(policy, ref, tok, heldout.ids, max_new_tokens=max_new_tokens, seed=seed + 2, batch_size=256)
-    return {"score": score(greedy), "score_sampled": score(sampled), "kl": kl["kl/sampled"],
-            "length": greedy.num_tokens / len(greedy)}
+    def score(texts):
+        return reward.score(heldout.texts, texts, heldout.extra).total
+
+    return generation_metrics(policy, tok, heldout.ids, score, max_new_tokens=max_new_tokens, seed=seed,
+                              reference_model=sft_model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +177,7 @@ def _online_times(history: list[dict], train_keys=("time/training",)) -> tuple[f
 def _train_iterative(method, s, seed, model, tok, train_set, reward, common, census) -> tuple:
     rounds = 1 if method == "dpo" else s.rounds
     cfg = IterativeConfig(rounds=rounds, prompts_per_round=s.sample_prompts // rounds, samples=s.samples,
-                          min_gap=s.min_gap, pairs_per_prompt=s.pairs_per_prompt, reference=s.reference,
+                          min_gap=s.min_gap, pairs_per_prompt=s.pairs_per_prompt, ref_update=s.reference,
                           beta=s.beta, lr=s.dpo_lr, dpo_steps=s.dpo_steps // rounds, batch_size=s.dpo_batch,
                           train_overrides={"lr_schedule": "constant"}, **common)
     with census:
@@ -197,7 +193,7 @@ def _train_iterative(method, s, seed, model, tok, train_set, reward, common, cen
 
 def _train_grpo(method, s, seed, model, tok, train_set, reward, common, census) -> tuple:
     cfg = GRPOConfig(steps=s.grpo_steps, prompts_per_step=s.grpo_prompts, group_size=s.samples, lr=s.grpo_lr,
-                     beta=s.grpo_beta, mu=s.grpo_mu, scale=s.grpo_scale, aggregation=s.grpo_aggregation, **common)
+                     kl_coef=s.grpo_beta, mu=s.grpo_mu, scale=s.grpo_scale, aggregation=s.grpo_aggregation, **common)
     with census:
         res = grpo(cfg, model=model, tokenizer=tok, prompts=train_set, reward=reward)
     gen_s, train_s = _online_times(res.history)
@@ -219,8 +215,9 @@ def _train_ppo(method, s, seed, model, tok, train_set, reward, common, census) -
     task = list(s.reward or [DEMO_REWARD])
     specs, weights, stats = task, [], {}
     if s.ppo_reward == "rm":
+        longest = common["max_prompt_length"] + common["max_new_tokens"] + 1  # + EOS
         rm_spec, stats = rlhf.train_reward_model(os.path.join(common["output"], "rm"), model, tok, pairs, "", budget,
-                                                 seed, max_length=common["max_prompt_length"] + common["max_new_tokens"] + 1)
+                                                 seed, max_length=longest)
         specs, weights = [rm_spec, *task], [1.0] + [0.0] * len(task)
     cfg = rlhf.ppo_config(os.path.join(common["output"], "ppo"), budget, s.ppo_kl_coef, specs, seed,
                           common["max_new_tokens"], common["max_prompt_length"], s.temperature, weights)
@@ -325,10 +322,10 @@ def chapter_rows(rows: list[dict]) -> list[dict]:
         row = next((r for r in rows if r["method"] == LABELS[method]), None)
         if row is None:
             continue
-        sd = row.get("score sd (seeds)", float("nan"))
+        sd, batches = row.get("score sd (seeds)", float("nan")), row["gen batches"]
         out.append({"method": row["method"], "models: chapter": models, "models: measured": row["models"],
                     "generation in the loop: chapter": gen,
-                    "measured (generation batches)": f"{'yes' if row['gen batches'] > 1 else 'no'} ({row['gen batches']})",
+                    "measured (generation batches)": f"{'yes' if batches > 1 else 'no'} ({batches})",
                     "stability: chapter": stability, "score sd (seeds)": sd, "reward sd (training)": row["reward sd"],
                     "score": row["score"], "score T=1": row["score T=1"], "KL": row["KL"], "peak MB": row["peak MB"],
                     "RM s": row["RM s"], "gen s": row["gen s"], "train s": row["train s"]})
