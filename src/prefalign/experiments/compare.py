@@ -1,10 +1,13 @@
-"""`prefalign compare`: the same SFT model aligned three ways, side by side.
+"""`prefalign compare`: the same SFT model aligned four ways, side by side.
 
     (a) offline DPO   pairs sampled ONCE from the SFT model, labelled by the reward, then DPO
     (b) iterative DPO the same sampling and DPO budget split into rounds, each round sampling
                       from the current policy (online.iterative)
     (c) GRPO          group sampling from the current policy at every step, the reward as the
                       signal (online.grpo)
+    (d) RLHF          the pipeline DPO replaces: a Bradley-Terry reward model trained on (a)'s
+                      pairs (this seed's OUTPUT/seed-S/dpo/round-1/pairs.jsonl), then PPO from
+                      the SFT model against it (experiments.rlhf, online.ppo)
 
 Offline DPO is iterative DPO with one round, so (a) and (b) share every line of code and
 differ only in how often they go back to the policy for fresh samples. Budgets are matched:
@@ -16,7 +19,11 @@ Measured for each method (and for the SFT model itself):
   - KL(policy || SFT) on the policy's own samples, and the mean completion length;
   - stability: the spread (std) of the training loss and of the training-time reward over the
     second half of training, and, with --seeds > 1, the spread of the held-out score over seeds;
-  - wall-clock split into generation (sampling + scoring) and training (forward/backward);
+  - models in memory: the distinct model objects alive at the method's first training step,
+    counted (experiments.census); the harness holds none meanwhile (it reloads the SFT model for
+    the evaluation);
+  - wall-clock split into reward-model training, generation (sampling + scoring) and training
+    (forward/backward), and the number of sampling passes (generation in the loop or not);
   - peak memory: each (method, seed) runs in a fresh Python process (multiprocessing "spawn"),
     whose peak resident set size (getrusage ru_maxrss; the CUDA allocator peak on a GPU) is
     the method's peak. Imports and the SFT model are part of every process, so the table also
@@ -32,7 +39,6 @@ or the last --heldout rows of --prompts.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import multiprocessing
