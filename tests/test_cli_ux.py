@@ -15,6 +15,7 @@ import yaml
 from prefalign import __version__, cli, config, fingerprint, train
 from prefalign.experiments.compare_settings import CompareSettings
 from prefalign.online.settings import GRPOConfig, IterativeConfig, PPOConfig
+from prefalign.reward_config import RewardConfig
 from test_train import assert_same_weights, cfg_for, run_files, weights  # noqa: F401 (run_files: a fixture)
 
 
@@ -76,7 +77,8 @@ def _real_defaults(name: str, sub) -> dict:
         args = sub.parse_args([])
         cfg = config.from_args(args, cli.SFT_BASE if name == "sft" else None)
         return {**vars(cfg), "loss_params": None, "num_processes": 1, "config": None}
-    cls = {"grpo": GRPOConfig, "ppo": PPOConfig, "iterate": IterativeConfig, "compare": CompareSettings}.get(name)
+    cls = {"grpo": GRPOConfig, "ppo": PPOConfig, "iterate": IterativeConfig, "compare": CompareSettings,
+           "reward": RewardConfig}.get(name)
     if cls is not None:
         obj = cls()
         real = dict(vars(obj))

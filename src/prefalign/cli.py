@@ -207,6 +207,47 @@ def cmd_demo(args):
     run_demo(output=args.output, quick=args.quick, seed=args.seed)
 
 
+def cmd_reward(args):
+    from prefalign.online.cli import from_flags
+    from prefalign.reward_config import RewardConfig, with_saved_settings
+    from prefalign.reward_train import train_reward
+    from prefalign.yamlio import load_mapping
+
+    cfg = from_flags(RewardConfig, args, args.config or "")
+    if cfg.resume and cfg.output:
+        # Flags and --config keys win over the saved settings, as they do over the defaults.
+        given = {k for k, v in vars(args).items() if v is not None}
+        if args.config:
+            given |= {k.replace("-", "_") for k in load_mapping(os.path.expanduser(args.config))}
+        cfg = with_saved_settings(cfg, given)
+    check_output_dir(cfg.output, "--output")
+    with os_errors_name(cfg.output):
+        result = train_reward(cfg)
+    if result.already_finished:
+        return 0
+    if result.stopped.startswith("signal"):
+        return 128 + int(signal.Signals[result.stopped.split()[-1]])
+    last = result.history[-1] if result.history else {}
+    print(f"done: {result.steps} steps -> {result.output}  "
+          + "  ".join(f"{k} {last[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in last))
+    if result.final_eval:
+        print(f"held-out: pairwise accuracy {result.final_eval['rewards/accuracies']:.4g}  "
+              f"loss {result.final_eval['loss']:.4g}")
+
+
+def _reward_parser(sub) -> None:
+    from prefalign.online.cli import add_dataclass_flags
+    from prefalign.reward_config import RewardConfig
+
+    p = sub.add_parser("reward", help="train a Bradley-Terry reward model on preference pairs (for rm:PATH rewards)",
+                       description="Train a reward model (AutoModelForSequenceClassification, one output) on the "
+                                   "pairs `train` reads: loss -log sigmoid(r_chosen - r_rejected - margin) "
+                                   "[+ centering]. OUTPUT/model is then a reward spec: --reward rm:OUTPUT/model.")
+    p.add_argument("--config", type=path_arg, help="YAML file of config keys (default: none)")
+    add_dataclass_flags(p, RewardConfig)
+    p.set_defaults(func=cmd_reward)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from prefalign import __version__
 
@@ -234,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ranged(p, "--max-new-tokens", int, ">= 1", "new tokens per sample of the KL estimate", default=64)
     p.add_argument("--json", type=path_arg, default="", help="also write the results to this JSON file (default: none)")
     p.set_defaults(func=cmd_eval)
+
+    _reward_parser(sub)
 
     p = sub.add_parser("losses", help="list the losses")
     p.set_defaults(func=cmd_losses)
@@ -287,7 +330,7 @@ def main(argv=None) -> int:
         args.argv = argv  # for --num-processes, which runs the same command again on N processes
         if args.verbose:
             os.environ["PREFALIGN_VERBOSE"] = "1"  # read where models load (models.verbose)
-        elif args.command in ("train", "sft"):
+        elif args.command in ("train", "sft", "reward"):
             from prefalign.models import hide_known_warnings  # torch is loaded by these commands anyway
 
             hide_known_warnings()

@@ -226,7 +226,8 @@ def _qlora_config():
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str = "all-linear", qlora=False):
+def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str = "all-linear", qlora=False,
+               task_type: str = "CAUSAL_LM"):
     """Wrap the model with LoRA adapters; only adapter weights stay trainable."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -234,7 +235,7 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        task_type="CAUSAL_LM", bias="none")
+                        task_type=task_type, bias="none")
     try:
         with quiet_third_party():  # peft reads transformers' deprecated is_gradient_checkpointing
             return get_peft_model(model, config)

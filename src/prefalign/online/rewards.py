@@ -20,6 +20,7 @@ Built-in specs for `load_reward`:
     format              1 if the completion is "<think>...</think> <answer>...</answer>"
     format=PATTERN      1 if the whole (stripped) completion matches PATTERN
     regex=PATTERN       1 if PATTERN occurs anywhere in the completion
+    rm:PATH             the score of a reward model trained by `prefalign reward` (PATH = its OUTPUT/model)
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def load_reward(spec: str, weight: float = 1.0) -> "Reward":
     spec = spec.strip()
     if spec in BUILTINS:
         return Reward(spec, BUILTINS[spec], weight)
+    if spec.startswith("rm:"):  # a reward model trained by `prefalign reward`
+        from prefalign.reward_model import load_scorer
+
+        return Reward(spec, load_scorer(spec[3:]), weight)
     for prefix, make in (("regex=", regex_reward), ("format=", format_reward)):
         if spec.startswith(prefix):
             try:
@@ -66,7 +71,7 @@ def _import_function(spec: str) -> Callable:
     if ":" not in spec:
         raise UserError(
             f"reward function {spec!r}: expected 'module:function', 'path/to/file.py:function' "
-            f"or a built-in ({', '.join(sorted(BUILTINS))}, regex=PATTERN, format=PATTERN)"
+            f"or a built-in ({', '.join(sorted(BUILTINS))}, regex=PATTERN, format=PATTERN, rm:PATH)"
         )
     target, name = spec.rsplit(":", 1)  # rsplit: a Windows path has a drive colon
     if target.endswith(".py") or "/" in target or os.sep in target:
