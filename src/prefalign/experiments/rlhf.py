@@ -35,7 +35,7 @@ class RLHFBudget:
 
     rm_steps: int = 100            # optimizer steps of rm_batch pairs (the pairs file, shuffled per epoch)
     rm_batch: int = 32
-    rm_lr: float = 1e-4
+    rm_lr: float = 1e-3
     ppo_steps: int = 40            # generation batches
     ppo_prompts: int = 64          # prompts per batch, one completion each
     ppo_epochs: int = 2            # passes over each batch
