@@ -55,6 +55,10 @@ def test_quick_frontier_through_the_cli(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| PPO kl_coef=0.01 |" in report and "| GRPO kl_coef=0.3 |" in report and "| DPO beta=1.0 |" in report
     assert "DPO dominates" in summary["verdict"] and summary["ppo_reward"] == "verifier"
+    # The quick runs are too short to move KL monotonically; the verdict states the measured relation
+    # per method (the full run's: KL falls as beta / kl_coef grows for all three, docs/compare.md).
+    assert all(f"{m} {trend}" in summary["verdict"] for m, trend in
+               ((m, frontier.kl_trend(rows[1:], m)) for m in frontier.METHODS))
 
 
 @pytest.mark.slow
