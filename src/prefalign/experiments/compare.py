@@ -221,9 +221,11 @@ def _train_ppo(method, s, seed, model, tok, train_set, reward, common, census) -
     task = list(s.reward or [DEMO_REWARD])
     specs, weights, stats = task, [], {}
     if s.ppo_reward == "rm":
-        longest = common["max_prompt_length"] + common["max_new_tokens"] + 1  # + EOS
+        # Nothing truncated: the reward model sees whole prompts and completions (+ EOS), as DPO does.
+        n_prompt = common["max_prompt_length"]
         rm_spec, stats = rlhf.train_reward_model(os.path.join(common["output"], "rm"), model, tok, pairs, "", budget,
-                                                 seed, max_length=longest)
+                                                 seed, max_length=n_prompt + common["max_new_tokens"] + 1,
+                                                 max_prompt_length=n_prompt)
         specs, weights = [rm_spec, *task], [1.0] + [0.0] * len(task)
     cfg = rlhf.ppo_config(os.path.join(common["output"], "ppo"), budget, s.ppo_kl_coef, specs, seed,
                           common["max_new_tokens"], common["max_prompt_length"], s.temperature, weights)

@@ -49,7 +49,7 @@ class RLHFBudget:
 
 
 def train_reward_model(output: str, sft, tok, pairs_file: str, eval_file: str, budget: RLHFBudget, seed: int,
-                       max_length: int = 16) -> tuple[str, dict]:
+                       max_length: int = 16, max_prompt_length: int = 8) -> tuple[str, dict]:
     """A Bradley-Terry reward model from the SFT model's body on the DPO pairs: ("rm:PATH", stats)."""
     from prefalign.errors import UserError
 
@@ -61,7 +61,7 @@ def train_reward_model(output: str, sft, tok, pairs_file: str, eval_file: str, b
 
     cfg = RewardConfig(data=pairs_file, eval_data=eval_file, output=output, max_steps=budget.rm_steps,
                        batch_size=budget.rm_batch, lr=budget.rm_lr, lr_schedule="constant", seed=seed,
-                       max_length=max_length, progress=False, overwrite=True)
+                       max_length=max_length, max_prompt_length=max_prompt_length, progress=False, overwrite=True)
     t0 = time.perf_counter()
     run = train_reward(cfg, model=copy.deepcopy(sft), tokenizer=tok)
     if run.stopped:
