@@ -70,3 +70,21 @@ def test_quick_frontier_with_a_reward_model(tmp_path):
     assert summary["ppo_reward"] == "rm" and 0.0 <= summary["rm_accuracy"] <= 1.0
     assert (out / "rm" / "model" / "config.json").is_file()
     assert all(math.isfinite(r["KL (sampled)"]) for r in summary["rows"])
+
+
+def test_reward_model_scores_an_empty_generated_completion(tmp_path):
+    """A policy that stops at once generates "" then EOS: the rm:PATH reward scores prompt + EOS
+    (compare's PPO row died on such a row before: the data layer refuses empty completions)."""
+    from prefalign import reward_model
+    from prefalign.demo.model import build_model
+    from prefalign.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    rm = reward_model.from_causal_lm(build_model(tok, seed=0, hidden_size=32, intermediate_size=64),
+                                     tok.pad_token_id, 0)
+    reward_model.save(rm, tok, str(tmp_path / "rm"), {"chat": False, "max_length": 16, "max_prompt_length": 8})
+    scorer = reward_model.load_scorer(str(tmp_path / "rm"))
+    with_answer = scorer.tokenize(["1+2="], ["3"])[0]               # prompt + "3" + EOS
+    assert scorer.tokenize(["1+2="], [""]) == [with_answer[:-2] + [tok.eos_token_id]]
+    scores = scorer(["1+2=", "1+2="], ["", "3"])
+    assert all(math.isfinite(v) for v in scores) and scores[0] != scores[1]
