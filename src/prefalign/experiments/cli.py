@@ -96,9 +96,10 @@ def register(sub) -> None:
     from prefalign.experiments.compare_settings import CompareSettings
     from prefalign.online.cli import add_dataclass_flags
 
-    p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO from the same SFT model: "
-                                       "held-out score, stability, time, memory (demo task by default)",
-                       description="Aligns one SFT model three ways and writes OUTPUT/report.md (table + plots). "
+    p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO vs RLHF (reward model + PPO) from the "
+                                       "same SFT model: held-out score, models in memory, stability, time, memory "
+                                       "(demo task by default)",
+                       description="Aligns one SFT model four ways and writes OUTPUT/report.md (table + plots). "
                                    "Without --model it runs on the demo task, whose numbers default to "
                                    "`prefalign demo`'s (DemoSettings); see docs/compare.md.")
     add_dataclass_flags(p, CompareSettings, defaults_help=_compare_default)
