@@ -121,9 +121,9 @@ def register(sub) -> None:
     add_ranged(p, "--threads", int, ">= 0", default=1,
                    help="torch CPU threads (0 = torch's default). 1 by default: the demo model is tiny, and on a "
                         "shared CPU more threads spin-wait (10x slower measured with 2 threads on a loaded 2-core box)")
-    from prefalign.experiments.rlhf import PPO_REWARDS  # import-light: no torch
+    from prefalign.experiments.rlhf import DEFAULT_PPO_REWARD, PPO_REWARDS  # import-light: no torch
 
-    p.add_argument("--ppo-reward", choices=PPO_REWARDS, default=None,
-                   help="frontier: PPO's reward, rm (a reward model trained on the DPO pairs: the RLHF pipeline; the "
-                        "default when `prefalign reward` is installed) or verifier (the demo's checker)")
+    p.add_argument("--ppo-reward", choices=PPO_REWARDS, default=DEFAULT_PPO_REWARD,
+                   help="frontier: PPO's reward, rm (a reward model trained on the DPO pairs: the RLHF pipeline) or "
+                        f"verifier (the demo's checker, GRPO's reward) (default: {DEFAULT_PPO_REWARD!r})")
     p.set_defaults(func=cmd_experiment)
