@@ -23,25 +23,36 @@ torch.set_num_threads(1)
 def test_compare_smoke(tmp_path, capsys):
     # In-process (isolate=False) to stay in seconds; the real command runs each method in its own process.
     s = CompareSettings.quick_settings(output=str(tmp_path / "cmp"), isolate=False, grpo_steps=2, dpo_steps=2,
-                                       sample_prompts=8, heldout=8)
+                                       sample_prompts=24, dpo_batch=2, heldout=8)  # enough pairs for a DPO step
     out = compare(s)
     methods = [r["method"] for r in out["rows"]]
-    assert methods == ["SFT (start)", "offline DPO", "iterative DPO", "GRPO"]
+    assert methods == ["SFT (start)", "offline DPO", "iterative DPO", "GRPO", "RLHF (RM + PPO)"]
     for row in out["rows"]:
         assert 0.0 <= row["score"] <= 1.0 and row["peak MB"] >= row["base MB"] > 0
     sft = out["rows"][0]
     assert sft["KL"] == pytest.approx(0.0, abs=1e-5)  # the SFT model against itself
+    # Models resident at the first training step, counted: DPO policy + reference; GRPO policy + reference
+    # (its reward is a function); PPO policy + reference + value model (+ the reward model with --ppo-reward rm).
+    rm = s.ppo_reward == "rm"
+    assert [r["models"] for r in out["rows"]] == ["-", "2", "2", "2", "4" if rm else "3"]
+    ppo = out["rows"][-1]
+    assert ppo["gen batches"] == s.ppo_steps and (ppo["RM s"] > 0) == rm and ppo["gen s"] > 0 and ppo["train s"] > 0
+    assert out["rows"][1]["gen batches"] == 1 and out["rows"][2]["gen batches"] == s.rounds
+    assert [r["method"] for r in out["chapter"]] == ["offline DPO", "RLHF (RM + PPO)", "GRPO"]
     report = open(tmp_path / "cmp" / "report.md").read()
-    assert "| method | score |" in report and "GRPO" in report
+    assert "| method | models | score |" in report and "GRPO" in report and "The chapter's table" in report
     results = json.load(open(tmp_path / "cmp" / "results.json"))
-    assert {r["method"] for r in results["runs"]} == {"sft", "dpo", "iterative", "grpo"}
+    assert {r["method"] for r in results["runs"]} == {"sft", "dpo", "iterative", "grpo", "ppo"}
+    assert os.path.isfile(tmp_path / "cmp" / "seed-0" / "dpo" / "round-1" / "pairs.jsonl")
     assert os.path.isfile(tmp_path / "cmp" / "plots" / "loss.png")
     out_text = capsys.readouterr().out
     assert "GRPO" in out_text and "wall: SFT model" in out_text  # the table and the wall split are printed
     assert results["sft"] == ["trained"] and results["settings"]["beta"] == DemoSettings.quick().beta
 
     # Same settings -> the cached SFT model, never retrained (also from another output via --sft-from).
-    again = compare(dataclasses.replace(s, methods=["dpo"]))
+    again = compare(dataclasses.replace(s, methods=["dpo"], seeds=2, same_start=True))
+    assert [r["seed"] for r in again["runs"]] == [0, 0, 1, 1]  # seed 1 starts from seed 0's SFT model
+    assert again["runs"][2]["score"] == again["runs"][0]["score"]
     assert json.load(open(tmp_path / "cmp" / "results.json"))["sft"] == ["cached"]
     assert again["rows"][0]["score"] == out["rows"][0]["score"]  # the same SFT model
     other = dataclasses.replace(s, output=str(tmp_path / "other"), sft_from=str(tmp_path / "cmp"))
@@ -96,7 +107,9 @@ def test_every_compare_flag_has_help():
 
 def test_compare_settings_errors():
     with pytest.raises(UserError, match="methods"):
-        CompareSettings(methods=["ppo"]).validate()
+        CompareSettings(methods=["rlhf"]).validate()
+    with pytest.raises(UserError, match="offline DPO's pairs: add dpo"):
+        CompareSettings(methods=["grpo", "ppo"]).validate()
     with pytest.raises(UserError, match="--reward"):
         CompareSettings(model="m", prompts="p.jsonl").validate()
 

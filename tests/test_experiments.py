@@ -26,6 +26,8 @@ EXPECTED_RUNS = {
                     "LoRA r=8, adapters-off reference", "LoRA r=8, precomputed reference"],
     "dpo-vs-sft": ["SFT start (reference)", "SFT on chosen only", "DPO (chosen + rejected)",
                    "DPO + SFT term (RPO, alpha 1)"],
+    "frontier": ["SFT (start)", "DPO beta=0.1", "DPO beta=1.0", "PPO kl_coef=0.01", "PPO kl_coef=0.3",
+                 "GRPO kl_coef=0.01", "GRPO kl_coef=0.3"],
 }
 
 

@@ -209,12 +209,17 @@ def trained_tokens(tokenizer, settings: dict, prompts, completions) -> list[list
     def msg(role, text):
         return [{"role": role, "content": text}] if chat else text
 
-    examples = [UnpairedExample(msg("user", p), msg("assistant", c), True, "completion", i + 1)
-                for i, (p, c) in enumerate(zip(prompts, completions))]
+    # A policy that stops at once generated "" (then EOS): score prompt + EOS, as it was generated,
+    # instead of refusing the row (the data layer refuses an empty completion in a data file). A
+    # placeholder keeps the row through tokenization; only its prompt ids are used.
+    empty = [not c and not chat for c in completions]
+    examples = [UnpairedExample(msg("user", p), msg("assistant", "." if e else c), True, "completion", i + 1)
+                for i, (p, c, e) in enumerate(zip(prompts, completions, empty))]
     # Generated text may not split at the prompt boundary as the data did: score it anyway.
     items = tokenize_examples(examples, tokenizer, max_length, max_prompt_length,
                               allow_boundary_mismatch=True).items
-    return [it.prompt_ids + it.completion_ids for it in items]
+    eos = tokenizer.eos_token_id
+    return [it.prompt_ids + ([eos] if e else it.completion_ids) for it, e in zip(items, empty)]
 
 
 def plain_tokens(tokenizer, chat: bool, max_length: int | None, prompts, completions) -> list[list[int]]:

@@ -25,11 +25,13 @@ EXPERIMENTS = {
                     "full fine-tuning vs LoRA (adapters-off) vs LoRA + precomputed reference: memory, speed"),
     "dpo-vs-sft": ("prefalign.experiments.dpo_vs_sft",
                    "SFT on the chosen responses vs DPO on the same pairs: are rejected responses informative?"),
+    "frontier": ("prefalign.experiments.frontier",
+                 "held-out reward vs KL to SFT: DPO (several beta), PPO on a reward model, GRPO (several KL coefs)"),
 }
 
 
 def run_experiment(name: str, output: str = "", quick: bool = False, seed: int = 0, cache: str = "",
-                   threads: int = 1, command: str = "") -> dict:
+                   threads: int = 1, command: str = "", options: dict | None = None) -> dict:
     import torch
 
     from prefalign.experiments import common
@@ -37,7 +39,7 @@ def run_experiment(name: str, output: str = "", quick: bool = False, seed: int =
     if threads:
         torch.set_num_threads(threads)
     module = importlib.import_module(EXPERIMENTS[name][0])
-    ctx = common.make_context(name, output, quick, seed, cache, command)
+    ctx = common.make_context(name, output, quick, seed, cache, command, options)
     result = module.run(ctx)
     return common.write_report(ctx, result)
 
@@ -60,7 +62,8 @@ def cmd_experiment(args):
     command = "prefalign " + " ".join(argv) if argv else f"prefalign experiment {args.name}"
     check_output_dir(args.output, "--output")
     check_output_dir(args.cache, "--cache")
-    run_experiment(args.name, args.output, args.quick, args.seed, args.cache, args.threads, command)
+    run_experiment(args.name, args.output, args.quick, args.seed, args.cache, args.threads, command,
+                   {"ppo_reward": args.ppo_reward})
     return 0
 
 
@@ -93,9 +96,10 @@ def register(sub) -> None:
     from prefalign.experiments.compare_settings import CompareSettings
     from prefalign.fields import add_flags
 
-    p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO from the same SFT model: "
-                                       "held-out score, stability, time, memory (demo task by default)",
-                       description="Aligns one SFT model three ways and writes OUTPUT/report.md (table + plots). "
+    p = sub.add_parser("compare", help="offline DPO vs iterative DPO vs GRPO vs RLHF (reward model + PPO) from the "
+                                       "same SFT model: held-out score, models in memory, stability, time, memory "
+                                       "(demo task by default)",
+                       description="Aligns one SFT model four ways and writes OUTPUT/report.md (table + plots). "
                                    "Without --model it runs on the demo task, whose numbers default to "
                                    "`prefalign demo`'s (DemoSettings); see docs/compare.md.")
     add_flags(p, CompareSettings, shown=_compare_default)
@@ -117,4 +121,9 @@ def register(sub) -> None:
     add_ranged(p, "--threads", int, ">= 0", default=1,
                    help="torch CPU threads (0 = torch's default). 1 by default: the demo model is tiny, and on a "
                         "shared CPU more threads spin-wait (10x slower measured with 2 threads on a loaded 2-core box)")
+    from prefalign.experiments.rlhf import DEFAULT_PPO_REWARD, PPO_REWARDS  # import-light: no torch
+
+    p.add_argument("--ppo-reward", choices=PPO_REWARDS, default=DEFAULT_PPO_REWARD,
+                   help="frontier: PPO's reward, rm (a reward model trained on the DPO pairs: the RLHF pipeline) or "
+                        f"verifier (the demo's checker, GRPO's reward) (default: {DEFAULT_PPO_REWARD!r})")
     p.set_defaults(func=cmd_experiment)

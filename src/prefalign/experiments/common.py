@@ -36,6 +36,7 @@ class Context:
     settings: DemoSettings
     cache: str                      # shared folder for the SFT start and the pairs
     command: str = ""
+    options: dict = field(default_factory=dict)   # an experiment's own flags (frontier: ppo_reward)
     t0: float = field(default_factory=time.time)
     timer: pipeline.Timer = field(default_factory=pipeline.Timer)
 
@@ -59,13 +60,14 @@ class Result:
 
 
 def make_context(name: str, output: str = "", quick: bool = False, seed: int = 0, cache: str = "",
-                 command: str = "") -> Context:
+                 command: str = "", options: dict | None = None) -> Context:
     settings = DemoSettings.quick(seed) if quick else DemoSettings(seed=seed)
     settings.progress = False
     output = output or os.path.join("runs", "experiments", name)
     cache = cache or os.path.join(os.path.dirname(os.path.abspath(output)), "_start")
     os.makedirs(os.path.join(output, "plots"), exist_ok=True)
-    return Context(name, output, quick, seed, settings, cache, command or f"prefalign experiment {name}")
+    return Context(name, output, quick, seed, settings, cache, command or f"prefalign experiment {name}",
+                   dict(options or {}))
 
 
 # --------------------------------------------------------------------------- the shared start

@@ -9,12 +9,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from prefalign.errors import UserError
+from prefalign.experiments.rlhf import DEFAULT_PPO_REWARD, PPO_REWARDS, RLHFBudget  # import-light: no torch
 from prefalign.fields import option
 from prefalign.online.settings import IterativeConfig
 from prefalign.validation import check_table
 
-METHODS = ("sft", "dpo", "iterative", "grpo")
-LABELS = {"sft": "SFT (start)", "dpo": "offline DPO", "iterative": "iterative DPO", "grpo": "GRPO"}
+METHODS = ("sft", "dpo", "iterative", "grpo", "ppo")
+LABELS = {"sft": "SFT (start)", "dpo": "offline DPO", "iterative": "iterative DPO", "grpo": "GRPO",
+          "ppo": "RLHF (RM + PPO)"}
 DEMO_REWARD = "prefalign.demo.task:reward"   # the demo's verifier: 1 if the answer is right and well formed
 
 
@@ -42,8 +44,11 @@ class CompareSettings:
     output: str = _f("runs/compare", "output folder: report.md, results.json, plots/, one folder per seed and method "
                                      "(the demo's SFT model is cached in OUTPUT/seed-S/sft)")
     seeds: int = _f(1, "seeds: each method runs once per seed (and the demo's SFT model is trained per seed)")
-    methods: list = _f(["dpo", "iterative", "grpo"], "methods to compare with the SFT model: dpo iterative grpo "
-                                                       "(space- or comma-separated)")
+    methods: list = _f(["dpo", "iterative", "grpo", "ppo"], "methods to compare with the SFT model: dpo iterative "
+                                                              "grpo ppo (space- or comma-separated; ppo needs dpo: "
+                                                              "its reward model trains on offline DPO's pairs)")
+    same_start: bool = _f(False, "every seed starts from seed 0's SFT model and held-out prompts: the seeds vary only "
+                                 "the methods' own sampling and data order (their stability), and SFT trains once")
     # a user's task (all empty: the demo task)
     model: str = _f("", "your SFT model (path or hub id) every method starts from; empty: the demo task")
     prompts: str = _f("", "your training prompts (jsonl/json/parquet/csv): a `prompt` column + what the reward "
@@ -84,6 +89,17 @@ class CompareSettings:
     grpo_scale: str = _f("none", "GRPO advantage scaling: group | batch | none (Dr. GRPO: no std scaling)")
     grpo_aggregation: str = _f("dr_grpo", "GRPO loss aggregation: grpo | dr_grpo (constant normalizer, no length "
                                           "bias) | dapo")
+    # RLHF: a reward model on offline DPO's pairs, then PPO (experiments/rlhf.py; docs/compare.md)
+    ppo_reward: str = _f(DEFAULT_PPO_REWARD, "PPO's reward: rm (a Bradley-Terry reward model trained on offline "
+                                             "DPO's pairs: the RLHF pipeline) | verifier (the task's reward, as GRPO)",
+                         choices=PPO_REWARDS)
+    rm_steps: int = _f(RLHFBudget.rm_steps, "RLHF: reward-model steps (of --rm-batch pairs)")
+    rm_batch: int = _f(RLHFBudget.rm_batch, "RLHF: reward-model pairs per step")
+    rm_lr: float = _f(RLHFBudget.rm_lr, "RLHF: reward-model learning rate (constant)")
+    ppo_steps: int = _f(RLHFBudget.ppo_steps, "PPO: steps (generation batches)")
+    ppo_prompts: int = _f(RLHFBudget.ppo_prompts, "PPO: prompts per step (one completion each)")
+    ppo_kl_coef: float = _f(0.1, "PPO: KL penalty coefficient (per token, to the SFT model)")
+    ppo_lr: float = _f(RLHFBudget.ppo_lr, "PPO: policy and value learning rate (constant)")
     # running
     threads: int = _f(None, "torch threads per process (0: torch's default)")
     isolate: bool = _f(True, "one fresh process per (method, seed): honest peak memory")
@@ -95,7 +111,9 @@ class CompareSettings:
         "seeds": ">= 1", "heldout": ">= 1", "max_new_tokens": ">= 1", "temperature": "> 0", "sample_prompts": ">= 1",
         "samples": ">= 2", "pairs_per_prompt": ">= 1", "min_gap": ">= 0", "dpo_steps": ">= 1", "dpo_batch": ">= 1",
         "dpo_lr": "(0, 1)", "beta": "> 0", "rounds": ">= 1", "grpo_steps": ">= 1", "grpo_prompts": ">= 1",
-        "grpo_lr": "(0, 1)", "grpo_beta": ">= 0", "grpo_mu": ">= 1", "threads": ">= 0",
+        "grpo_lr": "(0, 1)", "grpo_beta": ">= 0", "grpo_mu": ">= 1", "threads": ">= 0", "rm_steps": ">= 1",
+        "rm_batch": ">= 1", "rm_lr": "(0, 1)", "ppo_steps": ">= 1", "ppo_prompts": ">= 2", "ppo_kl_coef": ">= 0",
+        "ppo_lr": "(0, 1)",
     }
     PATHS = ("output", "model", "prompts", "eval_prompts", "sft_from")
 
@@ -104,6 +122,9 @@ class CompareSettings:
         bad = [m for m in self.methods if m not in METHODS[1:]]
         if bad or not self.methods:
             raise UserError(f"compare: methods must be among {', '.join(METHODS[1:])}; got {', '.join(self.methods) or 'none'}")
+        if "ppo" in self.methods and ("dpo" not in self.methods or self.ppo_reward not in PPO_REWARDS):
+            raise UserError("compare: the RLHF row (ppo) trains its reward model on offline DPO's pairs: add dpo to "
+                            f"--methods (ppo_reward must be one of {', '.join(PPO_REWARDS)})")
         if self.seeds < 1:
             raise UserError(f"compare: seeds must be >= 1; got {self.seeds}")
         r = self.resolved()
@@ -137,7 +158,7 @@ class CompareSettings:
         """Seconds instead of minutes: the smoke test's budget (the story need not hold).
         The demo values come from DemoSettings.quick(); these cut them further."""
         base = dict(quick=True, sample_prompts=24, samples=4, dpo_steps=4, dpo_batch=4, rounds=2, grpo_steps=3,
-                    grpo_prompts=4, heldout=16)
+                    grpo_prompts=4, heldout=16, rm_steps=2, rm_batch=4, ppo_steps=2, ppo_prompts=4)
         base.update(kw)
         return cls(**base)
 
