@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from prefalign import cli, config, fields, loss_table
+from prefalign.errors import UserError
 from prefalign.online import cli as online_cli
 from prefalign.experiments.compare_settings import CompareSettings
 from prefalign.online.settings import GRPOConfig, IterativeConfig, PPOConfig
@@ -170,3 +171,15 @@ def test_a_default_without_a_table_entry_is_refused():
 
     with pytest.raises(TypeError, match="TABLE"):
         loss_table.takes_defaults(dpo)
+
+
+def test_compare_takes_the_old_names_of_renamed_settings():
+    """grpo_beta -> grpo_kl_coef and reference -> ref_update (the renovation's names), old names kept."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    fields.add_flags(p, CompareSettings)
+    assert fields.given_flags(CompareSettings, p.parse_args(["--grpo-beta", "0.1", "--reference", "fixed"])) == \
+        {"grpo_kl_coef": 0.1, "ref_update": "fixed"}
+    with pytest.raises(UserError, match="both set grpo_kl_coef"):
+        fields.given_flags(CompareSettings, p.parse_args(["--grpo-beta", "0.1", "--grpo-kl-coef", "0.2"]))

@@ -183,7 +183,7 @@ def _online_times(history: list[dict], train_keys=("time/training",)) -> tuple[f
 def _train_iterative(method, s, seed, model, tok, train_set, reward, common, census) -> tuple:
     rounds = 1 if method == "dpo" else s.rounds
     cfg = IterativeConfig(rounds=rounds, prompts_per_round=s.sample_prompts // rounds, samples=s.samples,
-                          min_gap=s.min_gap, pairs_per_prompt=s.pairs_per_prompt, ref_update=s.reference,
+                          min_gap=s.min_gap, pairs_per_prompt=s.pairs_per_prompt, ref_update=s.ref_update,
                           beta=s.beta, lr=s.dpo_lr, dpo_steps=s.dpo_steps // rounds, batch_size=s.dpo_batch,
                           train_overrides={"lr_schedule": "constant"}, **common)
     with census:
@@ -199,7 +199,7 @@ def _train_iterative(method, s, seed, model, tok, train_set, reward, common, cen
 
 def _train_grpo(method, s, seed, model, tok, train_set, reward, common, census) -> tuple:
     cfg = GRPOConfig(steps=s.grpo_steps, prompts_per_step=s.grpo_prompts, group_size=s.samples, lr=s.grpo_lr,
-                     kl_coef=s.grpo_beta, mu=s.grpo_mu, scale=s.grpo_scale, aggregation=s.grpo_aggregation, **common)
+                     kl_coef=s.grpo_kl_coef, mu=s.grpo_mu, scale=s.grpo_scale, aggregation=s.grpo_aggregation, **common)
     with census:
         res = grpo(cfg, model=model, tokenizer=tok, prompts=train_set, reward=reward)
     gen_s, train_s = _online_times(res.history)

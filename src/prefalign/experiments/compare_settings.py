@@ -75,8 +75,8 @@ class CompareSettings:
     # 0.62 after 0.72 in round 2; DPO logratio/pairs -0.39 -> -1.34; held-out 0.80); with the reference
     # moved to each round's starting policy the rounds keep improving (0.60 -> 0.72 -> 0.77) and the
     # held-out score is 0.92 (docs/compare.md).
-    reference: str = _f("moving", "iterative DPO's reference: moving (each round's starting policy) | fixed "
-                                  "(the SFT model)")
+    ref_update: str = _f("moving", "iterative DPO's reference: moving (each round's starting policy) | fixed "
+                                   "(the SFT model)")
     # GRPO (compare's own numbers: no DemoSettings counterpart). Checked on the demo task with the tuned
     # SFT model (docs/compare.md): 100 steps x 32 prompts x 8 samples at lr 3e-4 take the held-out
     # score from 0.61 to ~0.94 in about a minute; the verifier's 0/1 reward leaves signal in most
@@ -84,7 +84,7 @@ class CompareSettings:
     grpo_steps: int = _f(100, "GRPO: steps (generation batches)")
     grpo_prompts: int = _f(32, "GRPO: prompts per step (x --samples completions each)")
     grpo_lr: float = _f(3e-4, "GRPO: learning rate (constant)")
-    grpo_beta: float = _f(0.04, "GRPO: KL coefficient to the SFT model (0: no reference)")
+    grpo_kl_coef: float = _f(0.04, "GRPO: KL coefficient to the SFT model (0: no reference)")
     grpo_mu: int = _f(1, "GRPO: optimizer steps per generation batch")
     grpo_scale: str = _f("none", "GRPO advantage scaling: group | batch | none (Dr. GRPO: no std scaling)")
     grpo_aggregation: str = _f("dr_grpo", "GRPO loss aggregation: grpo | dr_grpo (constant normalizer, no length "
@@ -107,11 +107,13 @@ class CompareSettings:
 
     # The documented range of every numeric setting (validation.Range specs, shown in the flags' help;
     # each also refuses nan and inf). None (the task's default) is not checked here.
+    # the names before the renovation (GRPO's KL coefficient was `beta`; iterate's ref_update `reference`)
+    ALIASES = {"grpo_beta": "grpo_kl_coef", "reference": "ref_update"}
     RANGES = {
         "seeds": ">= 1", "heldout": ">= 1", "max_new_tokens": ">= 1", "temperature": "> 0", "sample_prompts": ">= 1",
         "samples": ">= 2", "pairs_per_prompt": ">= 1", "min_gap": ">= 0", "dpo_steps": ">= 1", "dpo_batch": ">= 1",
         "dpo_lr": "(0, 1)", "beta": "> 0", "rounds": ">= 1", "grpo_steps": ">= 1", "grpo_prompts": ">= 1",
-        "grpo_lr": "(0, 1)", "grpo_beta": ">= 0", "grpo_mu": ">= 1", "threads": ">= 0", "rm_steps": ">= 1",
+        "grpo_lr": "(0, 1)", "grpo_kl_coef": ">= 0", "grpo_mu": ">= 1", "threads": ">= 0", "rm_steps": ">= 1",
         "rm_batch": ">= 1", "rm_lr": "(0, 1)", "ppo_steps": ">= 1", "ppo_prompts": ">= 2", "ppo_kl_coef": ">= 0",
         "ppo_lr": "(0, 1)",
     }
