@@ -19,14 +19,14 @@ see ``CombinedLoss``), and the input keys are
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
 from .. import validation
 from ..errors import UserError
-from ..loss_table import ALIASES, CHOICES, SFT, SFT_PARAMS, TABLE  # noqa: F401 (re-exported)
+from ..loss_table import ALIASES, CHOICES, SFT, SFT_PARAMS, TABLE, LossInfo  # noqa: F401 (re-exported)
 from . import pairwise, unpaired
 from .pairwise import LossOutput, log_odds, logratios
 # The loss functions themselves, for use outside the trainer: `from prefalign.losses import dpo`.
@@ -56,25 +56,13 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class LossSpec:
-    """How to call one loss. ``defaults`` are its hyper-parameters (beta, gamma, ...), from
-    prefalign.loss_table (the function's own defaults); ``options`` are conventions the caller applies around
-    the function (which inputs it gets, an NLL term's reduction), with their defaults;
-    ``nll_weight`` is the weight of the chosen NLL the loss includes by definition (ORPO:
-    1). ``params`` = defaults | options: everything a user may set, and nothing else."""
+class LossSpec(LossInfo):
+    """How to call one loss: its table entry (prefalign.loss_table.LossInfo: ``defaults`` are its
+    hyper-parameters, ``options`` conventions the caller applies around the function, ``params``
+    = defaults | options: everything a user may set) with its canonical name and function."""
 
-    name: str
-    fn: Callable[..., LossOutput]
-    kind: str  # "paired" | "unpaired"
-    needs_reference: bool
-    inputs: str  # "sum" (summed sequence log-probs) | "mean" (per-token means)
-    defaults: dict = field(default_factory=dict)
-    options: dict = field(default_factory=dict)
-    nll_weight: float = 0.0
-
-    @property
-    def params(self) -> dict:
-        return {**self.defaults, **self.options}
+    name: str = ""
+    fn: Callable[..., LossOutput] | None = None
 
 
 # Keyword arguments that are training state passed in by the trainer, not hyper-parameters.
@@ -88,8 +76,8 @@ _FUNCTIONS = {fn.__name__: fn for fn in (
 
 def _spec(name: str) -> LossSpec:
     info = TABLE[name]  # the function's defaults are the table's (loss_table.takes_defaults)
-    return LossSpec(name, _FUNCTIONS[name], info.kind, info.needs_reference, info.inputs, dict(info.defaults),
-                    dict(info.options), info.nll_weight)
+    return LossSpec(**{**vars(info), "defaults": dict(info.defaults), "options": dict(info.options)},
+                    name=name, fn=_FUNCTIONS[name])
 
 
 LOSSES: dict[str, LossSpec] = {name: _spec(name) for name in TABLE}
