@@ -285,9 +285,9 @@ def _fixed_data(workdir, total, n):
 def suite_profile(args):
     out = _header(args)
     model_dir = build_model_dir(args.workdir, "smollm2", args.smol_layers)
-    data = build_data(args.workdir, "ultrafeedback", 4 * (args.warmup + args.steps))
-    row = run_pair(args.workdir, "profile-smollm2/ultrafeedback/fp32", model_dir, data, batch=4, max_length=1024,
-                   precision="fp32", warmup=args.warmup, steps=args.steps, repeats=1,
+    data = build_data(args.workdir, args.kind, 4 * (args.warmup + args.steps))
+    row = run_pair(args.workdir, f"profile-smollm2/{args.kind}/{args.precisions or 'fp32'}", model_dir, data,
+                   batch=4, max_length=LENGTHS[args.kind]["max_length"], precision=args.precisions or "fp32", warmup=args.warmup, steps=args.steps, repeats=1,
                    worker_script=os.path.abspath(__file__))
     out["run"] = row
     print_profile(row)
@@ -348,6 +348,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--precisions", default="", help="comma list (default: fp32 and the fastest exact one)")
     ap.add_argument("--only", default="", help="comma list of arch/kind, e.g. smollm2/short")
+    ap.add_argument("--kind", choices=sorted(LENGTHS), default="ultrafeedback", help="the profile suite's data")
     ap.add_argument("--qwen-layers", type=int, default=4)
     ap.add_argument("--smol-layers", type=int, default=None, help="SmolLM2 layers (default its 30)")
     ap.add_argument("--scaling-layers", type=int, default=None, help="SmolLM2 layers in the scaling suite")
