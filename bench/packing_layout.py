@@ -2,7 +2,7 @@
 against the old rule (one segment per row, padded to the longest), policy forward + backward of
 real micro-batches, alternating, in one process; the best of the repeats per micro-batch.
 
-    python bench/packing_layout.py MODEL_DIR DATA.jsonl MAX_LENGTH [--batch 4] [--repeats 3]
+    python bench/packing_layout.py MODEL_DIR DATA.jsonl MAX_LENGTH [--batch 4] [--repeats 3] [--order-from J]
 
 (bench/real_shapes.py builds the models and data under /tmp/prefalign-bench-real-shapes.)
 Writes bench/results/packing_layout_<model>_<data>.json.
@@ -33,10 +33,14 @@ def main():
     ap.add_argument("model"), ap.add_argument("data"), ap.add_argument("max_length", type=int)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--order-from", default="", help="a real_shapes JSON: its first row's pair order (its steps)")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.model)
     items = tokenize_examples(load_examples(args.data, kind="paired").examples, tok, args.max_length,
                               args.max_length - 1).items
+    if args.order_from:
+        with open(args.order_from) as fh:
+            items = [items[i] for i in json.load(fh)["runs"][0]["order"]]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     lean_mlps(model)
     batches = [items[i:i + args.batch] for i in range(0, len(items) - args.batch + 1, args.batch)]
@@ -63,6 +67,7 @@ def main():
               f"{best['longest']:.2f} s; auto {row['auto_rows']} x {row['auto_width']} {best['auto']:.2f} s "
               f"({row['auto_over_longest']:.2f}x the time)", flush=True)
     name = f"{os.path.basename(args.model.rstrip('/'))}_{os.path.basename(args.data).split('.')[0]}"
+    name += "_ordered" if args.order_from else ""
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", f"packing_layout_{name}.json"), "w") as fh:
         json.dump({"command": " ".join(["python bench/packing_layout.py"] + sys.argv[1:]),

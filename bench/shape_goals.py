@@ -84,7 +84,7 @@ def goal_lines(row: dict) -> list[str]:
     lines, goal, got = [], GOALS[kind], row["ratios"]
     if got["pairs_per_s"] < goal["pairs_per_s"]:
         bound = speed_bound(row)
-        mfu = row.get("bounds", {}).get("trl_mfu")
+        mfu = row.get("bounds", {}).get("trl_mfu") if row.get("precision") == "fp32" else None  # fp32 peak
         lines.append(f"  missed: {got['pairs_per_s']:.2f}x < {goal['pairs_per_s']:.0f}x pairs/s; bound: the matmul work "
                      f"each tool must do (weights x columns) is {bound:.2f}x less for prefalign: more needs it to run "
                      f"its matmuls faster than TRL does{f' ({100 * mfu:.0f}% of the matmul peak)' if mfu else ''}")
