@@ -3,6 +3,7 @@
     TRL_PYTHON=/path/to/venv-with-trl/bin/python python bench/real_shapes.py compare
     python bench/real_shapes.py profile      # where a step's time goes, both tools, SmolLM2 shape
     python bench/real_shapes.py scaling      # pairs/s and peak RSS vs max length and vs batch size
+    python bench/real_shapes.py report FILE.json ...   # reprint tables, goals and bounds of earlier runs
 
 Models: random weights (seed 0, no download) in real architectures' configs:
   smollm2   SmolLM2-135M: Llama, 30 layers x 576, 9 heads / 3 KV heads, MLP 1536, vocab 49152, tied
@@ -34,6 +35,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import dpo_vs_trl as shared  # noqa: E402
+import shape_goals  # noqa: E402
 
 ARCHS = {
     "smollm2": dict(cls="LlamaConfig", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -136,7 +138,8 @@ def run_pair(workdir, name, model_dir, data, *, batch, max_length, precision, wa
                   f"RSS {s['peak_rss_mb']:6.0f} MB step1 loss {s['losses'][0]:.6f} ({time.perf_counter() - t:.0f}s)",
                   flush=True)
     best = {t: max(r, key=lambda s: s["pairs_per_s"]) for t, r in runs.items()}
-    out = {"name": name, "batch": batch, "max_length": max_length, "precision": precision,
+    out = {"name": name, "batch": batch, "max_length": max_length, "precision": precision, "model_dir": model_dir,
+           "data": data, "order": order, "warmup": warmup,
            "mean_tokens_per_pair": sum(tokens) / len(tokens), **best,
            "repeats": {t: [s["pairs_per_s"] for s in r] for t, r in runs.items()}}
     if "prefalign-base" in best:
@@ -285,9 +288,9 @@ def _fixed_data(workdir, total, n):
 def suite_profile(args):
     out = _header(args)
     model_dir = build_model_dir(args.workdir, "smollm2", args.smol_layers)
-    data = build_data(args.workdir, "ultrafeedback", 4 * (args.warmup + args.steps))
-    row = run_pair(args.workdir, "profile-smollm2/ultrafeedback/fp32", model_dir, data, batch=4, max_length=1024,
-                   precision="fp32", warmup=args.warmup, steps=args.steps, repeats=1,
+    data = build_data(args.workdir, args.kind, 4 * (args.warmup + args.steps))
+    row = run_pair(args.workdir, f"profile-smollm2/{args.kind}/{args.precisions or 'fp32'}", model_dir, data,
+                   batch=4, max_length=LENGTHS[args.kind]["max_length"], precision=args.precisions or "fp32", warmup=args.warmup, steps=args.steps, repeats=1,
                    worker_script=os.path.abspath(__file__))
     out["run"] = row
     print_profile(row)
@@ -320,6 +323,20 @@ def print_table(rows):
         print(f"{r['name']:34s} {r['mean_tokens_per_pair']:8.0f} {t['pairs_per_s']:8.3f} {p['pairs_per_s']:8.3f} "
               f"{r['ratios']['pairs_per_s']:5.2f}x {t['tokens_per_s']:9.0f} {p['tokens_per_s']:9.0f} "
               f"{t['peak_rss_mb']:8.0f} {p['peak_rss_mb']:8.0f} {r['ratios']['peak_rss']:5.2f}x")
+        for line in shape_goals.goal_lines(r):
+            print(line)
+
+
+def suite_report(args):
+    """Reprint the tables (with the goals and their bounds) of earlier compare/scaling JSON files."""
+    rows = []
+    for path in args.files:
+        with open(path) as fh:
+            d = json.load(fh)
+        print(f"{path}: {d.get('command', '')}; CPU {d.get('cpu')}; load {d.get('uptime_start')} .. "
+              f"{d.get('uptime_end', '')}")
+        rows += d.get("runs", []) + d.get("by_length", []) + d.get("by_batch", [])
+    print_table(rows)
 
 
 def profile_worker(tool, spec):
@@ -342,12 +359,14 @@ def profile_worker(tool, spec):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", nargs="?", choices=["compare", "profile", "scaling"], default="compare")
+    ap.add_argument("suite", nargs="?", choices=["compare", "profile", "scaling", "report"], default="compare")
+    ap.add_argument("files", nargs="*", help="report: the JSON files to reprint")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--precisions", default="", help="comma list (default: fp32 and the fastest exact one)")
     ap.add_argument("--only", default="", help="comma list of arch/kind, e.g. smollm2/short")
+    ap.add_argument("--kind", choices=sorted(LENGTHS), default="ultrafeedback", help="the profile suite's data")
     ap.add_argument("--qwen-layers", type=int, default=4)
     ap.add_argument("--smol-layers", type=int, default=None, help="SmolLM2 layers (default its 30)")
     ap.add_argument("--scaling-layers", type=int, default=None, help="SmolLM2 layers in the scaling suite")
@@ -371,7 +390,8 @@ def main(argv=None):
     os.makedirs(args.workdir, exist_ok=True)
     global OUT
     OUT = args.out
-    {"compare": suite_compare, "profile": suite_profile, "scaling": suite_scaling}[args.suite](args)
+    {"compare": suite_compare, "profile": suite_profile, "scaling": suite_scaling,
+     "report": suite_report}[args.suite](args)
 
 
 if __name__ == "__main__":

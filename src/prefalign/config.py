@@ -64,7 +64,7 @@ class TrainConfig:
     max_prompt_length: int = _f(0, "max prompt tokens (0 = half of --max-length)")
     on_bad_row: str = _f("error", "a bad data row stops the run, or is skipped and written to rejects.jsonl", ["error", "skip"])
     packing: bool = _f(True, "pack pairs into rows with a shared prompt (no padding); off = padded batches")
-    token_budget: int = _f(0, "tokens per packed row (0 = the longest pair of the micro-batch)")
+    token_budget: int = _f(0, "tokens per packed row (0 = per micro-batch, the layout of least padding + attention work)")
     attention: str = _f("auto", "attention implementation the models load with (auto: transformers' default, sdpa "
                         "where the model has it); flex_attention skips the masked blocks of packed rows (GPU for "
                         "training: torch has no flex_attention backward on CPU)",
