@@ -260,6 +260,8 @@ def prefalign_argv(spec: dict) -> list[str]:
             "--no-progress", "--no-save-model", "--overwrite"]
     if spec.get("max_prompt_length"):
         argv += ["--max-prompt-length", str(spec["max_prompt_length"])]
+    if spec.get("token_budget") is not None:
+        argv += ["--token-budget", str(spec["token_budget"])]
     return argv
 
 

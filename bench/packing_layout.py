@@ -1,4 +1,4 @@
-"""token_budget 0's layout (`packing.auto_budget`: several segments per row when that costs less)
+"""token_budget -1's layout (`packing.auto_budget`: several segments per row when that costs less)
 against the old rule (one segment per row, padded to the longest), policy forward + backward of
 real micro-batches, alternating, in one process; the best of the repeats per micro-batch.
 
@@ -25,7 +25,7 @@ def main():
 
     from prefalign import objective
     from prefalign.data.formats import load_examples
-    from prefalign.data.packing import default_budget, first_fit
+    from prefalign.data.packing import budget_for, first_fit
     from prefalign.data.tokenize import tokenize_examples
     from prefalign.lean import lean_mlps
 
@@ -47,7 +47,7 @@ def main():
     rows = []
     for b in batches:
         seg = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in b]
-        auto = default_budget(model, seg)
+        auto = budget_for(-1, model, seg)
         layout = first_fit(seg, auto)
         rows.append({"segments": seg, "longest": max(seg), "auto_budget": auto, "auto_rows": len(layout),
                      "auto_width": max(sum(seg[i] for i in r) for r in layout), "s": {"longest": [], "auto": []}})

@@ -125,7 +125,8 @@ def run_pair(workdir, name, model_dir, data, *, batch, max_length, precision, wa
                         batch_size=batch, lr=1e-5, beta=0.1, max_length=max_length, steps=warmup + steps,
                         precision=precision, seed=0, reference="copy", order=order, max_prompt_length=max_length - 1,
                         warmup=warmup, cuda=cuda, profile=worker_script is not None,
-                        baseline=tool == "prefalign-base")
+                        baseline=tool == "prefalign-base",
+                        token_budget=-1)  # the layout of least padding + attention work (--token-budget -1)
             t = time.perf_counter()
             script = os.path.abspath(__file__) if (worker_script or tool == "prefalign-base") else None
             res = shared.run_worker(worker, spec, script=script)

@@ -1,13 +1,14 @@
-"""token_budget 0 packs several short segments per row (`packing.auto_budget`) instead of one per row
+"""token_budget -1 packs several short segments per row (`packing.auto_budget`) instead of one per row
 padded to the longest: the layout changes, the numbers must not (forward and backward, vs the padded
 reference path), and long segments keep one row each where attention would cost more than padding."""
 
 import pytest
 import torch
+from test_train import cfg_for, run_files  # noqa: F401 (run_files: a fixture)
 from tiny_lms import VOCAB, tiny_lm
 
 from prefalign import objective
-from prefalign.data.packing import attention_break_even, auto_budget, default_budget, first_fit, pack_pairs
+from prefalign.data.packing import attention_break_even, auto_budget, budget_for, first_fit, pack_pairs
 
 SHAPES = [(5, 3, 7), (1, 1, 1), (9, 4, 1), (2, 11, 6), (3, 1, 2), (7, 6, 5), (12, 9, 14)]
 
@@ -50,7 +51,9 @@ def test_long_segments_keep_a_row_each():
 def test_break_even_from_width_else_one_segment_per_row():
     model = tiny_lm("llama")
     assert attention_break_even(model) == 6 * 32
-    assert default_budget(torch.nn.Linear(2, 2), [5, 9, 4]) == 9  # no config: the old rule
+    assert budget_for(-1, torch.nn.Linear(2, 2), [5, 9, 4]) == 9  # no config: the old rule
+    assert budget_for(0, tiny_lm("llama"), [5, 9, 4]) == 9  # the default: the longest segment, as before
+    assert budget_for(12, tiny_lm("llama"), [5, 9, 4]) == 12
 
 
 def _grads(model):
@@ -69,12 +72,24 @@ def test_auto_layout_equals_padded_reference_forward_and_backward(name):
     model = tiny_lm(name)
     items = pairs(SHAPES)
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in items]
-    packed = pack_pairs(items, default_budget(model, lengths))
+    packed = pack_pairs(items, budget_for(-1, model, lengths))
     assert packed.input_ids.shape[0] < len(items)  # several segments share rows: the new layout is exercised
-    got, g_got = _run(model, items, packing=True, token_budget=0)
+    got, g_got = _run(model, items, packing=True, token_budget=-1)
     ref, g_ref = _run(model, items, packing=False, token_budget=0)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert len(g_got) == len(g_ref) > 0
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+
+def test_token_budget_minus_one_trains_as_the_default_layout(run_files, tmp_path):  # noqa: F811
+    """`--token-budget -1` (the auto layout) gives the same run as the default layout, to float rounding."""
+    from prefalign import trainer
+
+    runs = [trainer.train(cfg_for(run_files, tmp_path / f"b{b}", token_budget=b, packing=True, max_steps=3,
+                                  batch_size=8, save_model=False)).history for b in (0, -1)]
+    for a, b in zip(*runs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["logps/chosen"] == pytest.approx(b["logps/chosen"], rel=1e-5, abs=1e-5)

@@ -64,7 +64,8 @@ class TrainConfig:
     max_prompt_length: int = _f(0, "max prompt tokens (0 = half of --max-length)")
     on_bad_row: str = _f("error", "a bad data row stops the run, or is skipped and written to rejects.jsonl", ["error", "skip"])
     packing: bool = _f(True, "pack pairs into rows with a shared prompt (no padding); off = padded batches")
-    token_budget: int = _f(0, "tokens per packed row (0 = per micro-batch, the layout of least padding + attention work)")
+    token_budget: int = _f(0, "tokens per packed row (0 = the longest pair of the micro-batch; -1 = chosen per "
+                              "micro-batch: the layout of least padding + attention work, faster for short answers)")
     attention: str = _f("auto", "attention implementation the models load with (auto: transformers' default, sdpa "
                         "where the model has it); flex_attention skips the masked blocks of packed rows (GPU for "
                         "training: torch has no flex_attention backward on CPU)",
@@ -121,7 +122,7 @@ RANGES = {
     "max_steps": ">= 0", "epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "(0, 1)",
     "warmup_steps": ">= 0", "warmup_ratio": "[0, 1]", "max_grad_norm": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
     "adam_beta2": "[0, 1)", "seed": "[0, 2**32)",
-    "max_length": ">= 1", "max_prompt_length": ">= 0", "token_budget": ">= 0",
+    "max_length": ">= 1", "max_prompt_length": ">= 0", "token_budget": ">= -1",
     "lora_r": ">= 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
     "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0", "keep_checkpoints": ">= 1",
     "both_drop_threshold": "finite", "max_nonfinite": ">= 1", "chunk_size": ">= 0",

@@ -31,13 +31,13 @@ class PairLogps(NamedTuple):
 def pair_logps(model, items, *, pad_id: int, packing: bool, token_budget: int, chunk_size: int) -> PairLogps:
     """Summed chosen/rejected log-probs of each pair under `model` (grad flows if enabled)."""
     if packing:
-        from prefalign.data.packing import default_budget, pack_pairs, packed_pair_logps
+        from prefalign.data.packing import budget_for, pack_pairs, packed_pair_logps
 
         lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in items]
-        if token_budget and max(lengths) > token_budget:
+        if token_budget > 0 and max(lengths) > token_budget:
             raise UserError(f"token_budget {token_budget} is smaller than one packed pair ({max(lengths)} tokens: "
                             f"prompt + chosen + rejected); raise --token-budget or leave it at 0")
-        budget = token_budget or default_budget(model, lengths)
+        budget = budget_for(token_budget, model, lengths)
         packed = pack_pairs(items, budget)
         c, r = packed_pair_logps(model, packed, chunk_size=chunk_size or None)
         return PairLogps(c.sum, r.sum, c.count, r.count)
@@ -52,9 +52,9 @@ def completion_logps(model, prompts: list[list[int]], completions: list[list[int
                      chunk_size: int, packing: bool = False, token_budget: int = 0) -> logprobs.SeqLogps:
     """Summed log-probs of single completions (SFT, KTO, GRPO), packed or padded."""
     if packing:
-        from prefalign.data.packing import default_budget, pack_completions, packed_logps
+        from prefalign.data.packing import budget_for, pack_completions, packed_logps
 
-        budget = token_budget or default_budget(model, [len(p) + len(c) for p, c in zip(prompts, completions)])
+        budget = budget_for(token_budget, model, [len(p) + len(c) for p, c in zip(prompts, completions)])
         return packed_logps(model, pack_completions(prompts, completions, budget), chunk_size=chunk_size or None)
     batch = pad_sequences(prompts, completions, pad_id)
     return logprobs.sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels,

@@ -143,7 +143,7 @@ def first_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def auto_budget(lengths: Sequence[int], break_even: int) -> int:
-    """The token budget (row length) for token_budget 0: the one whose rows cost least.
+    """The token budget (row length) for token_budget -1: the one whose rows cost least.
 
     With one segment per row (budget = the longest segment), every row is padded to the
     longest: 4 short-answer pairs of 50-88 tokens took 352 columns for 274 tokens, and
@@ -175,9 +175,15 @@ def attention_break_even(model) -> int:
     return 6 * int(hidden) if isinstance(hidden, int) and hidden > 0 else 0
 
 
-def default_budget(model, lengths: Sequence[int]) -> int:
-    """token_budget 0: `auto_budget` for the model's width, else the longest segment."""
-    break_even = attention_break_even(model)
+def budget_for(token_budget: int, model, lengths: Sequence[int]) -> int:
+    """The row length of a micro-batch: token_budget when > 0; 0: the longest segment (the
+    default: the layout every recorded result was measured with); -1: `auto_budget` for the
+    model's width (the longest segment when the model does not say its width). The layout
+    changes float rounding only, not what any token sees, so it is not the default yet: the
+    demo's and the experiments' recorded numbers would move by rounding (docs/internals.md)."""
+    if token_budget > 0:
+        return token_budget
+    break_even = attention_break_even(model) if token_budget == -1 else 0
     return auto_budget(lengths, break_even) if break_even else max(lengths)
 
 
