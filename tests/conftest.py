@@ -27,6 +27,12 @@ SLOW = {
                         "test_weights_that_do_not_move_never_fire"},
     "test_trl_agreement.py": {"test_three_dpo_steps_agree_with_trl"},
     "test_model_folders.py": ALL,  # its module fixture trains a full and a LoRA run
+    # end-to-end runs of the commands added in the renovation (reward, ppo, online layout), measured on a
+    # quiet machine (the fast loop was 66 s with them; each 0.5-1.2 s)
+    "test_online_layout.py": ALL,
+    "test_reward_model.py": {"test_resumed_runs_end_with_the_weights_of_an_uninterrupted_one",
+                             "test_grpo_runs_on_a_reward_model", "test_reward_model_learns_demo_pairs_above_chance"},
+    "test_speed_paths2.py": {"test_token_budget_minus_one_trains_as_the_default_layout"},
     # over the limit as measured
     "test_api.py": {"test_the_readme_example", "test_keyword_fields_dataset_sft_evaluate_generate"},
     "test_audit.py": {"test_reference_margins_equal_direct_logprobs"},
