@@ -25,6 +25,8 @@ import argparse
 import json
 import math
 import os
+
+os.environ.setdefault("PREFALIGN_FUSED_ADAMW", "1")  # measured with the fused optimizer (prefalign/optim.py)
 import random
 import sys
 import time

@@ -154,7 +154,7 @@ def test_fused_adamw_matches_per_tensor_adamw():
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    fused = optim.adamw(a, Cfg)
+    fused = optim.adamw(a, Cfg, fused=True)
     plain = torch.optim.AdamW(b, lr=Cfg.lr, betas=(0.9, 0.99), weight_decay=0.1, foreach=False)
     assert fused.defaults["fused"] is True
     for step in range(5):
@@ -166,6 +166,7 @@ def test_fused_adamw_matches_per_tensor_adamw():
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert not optim.fusable([torch.zeros(2, dtype=torch.long)]) and not optim.fusable([])
+    assert optim.adamw([torch.zeros(2, requires_grad=True)], Cfg).defaults["fused"] is None  # opt-in
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (bench/gpu_check.sh runs it)")
