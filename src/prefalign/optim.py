@@ -1,5 +1,5 @@
 """The optimizer of every training loop (train, reward, grpo, ppo): AdamW, on torch's fused kernel
-wherever it has one.
+when asked for (PREFALIGN_FUSED_ADAMW=1; see `adamw` for why it is not the default).
 
 Why: torch's default AdamW on CPU updates one parameter tensor at a time (a loop of ~10 small
 kernels per tensor: 272 tensors x 10 for SmolLM2-135M), each a separate pass over memory. The
