@@ -207,3 +207,21 @@ def test_accelerate_configs_parse():
     for name, kind in want.items():
         with open(os.path.join(root, name)) as fh:
             assert yaml.safe_load(fh)["distributed_type"] == kind, name
+
+
+def test_the_reported_rank_is_the_cause_not_the_ranks_the_launcher_stopped():
+    """A launch where rank 1 aborted (-6) and the launcher then stopped rank 0 (SIGTERM, -15) names
+    rank 1; a rank's own UserError (exit 2 with its message) wins over both; a plain exit beats signals."""
+    from types import SimpleNamespace as F
+
+    from prefalign.cli import first_failure
+
+    def fail(code, t, said=False):
+        return F(exitcode=code, timestamp=t, message="bad row" if said else "",
+                 error_file_data={"prefalign": True} if said else {})
+
+    assert first_failure({0: fail(-15, 5), 1: fail(-6, 5)})[0] == 1
+    assert first_failure({0: fail(-15, 5), 1: fail(-6, 6), 2: fail(1, 7)})[0] == 2
+    assert first_failure({0: fail(-6, 5), 1: fail(2, 6, said=True)})[0] == 1
+    assert first_failure({0: fail(-6, 6), 1: fail(-11, 5)})[0] == 1  # the earlier of two aborts
+    assert first_failure({0: fail(-15, 5), 1: fail(-9, 5)})[0] == 0

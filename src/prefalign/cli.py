@@ -107,10 +107,7 @@ def launcher(launch_args: list[str]) -> int:
     try:
         launch_command(launch_command_parser().parse_args(launch_args))
     except ChildFailedError as e:
-        # A rank that gave up on a UserError (its message in its error file), else one that exited by
-        # itself rather than being stopped by the launcher afterwards (negative: by a signal).
-        rank, failure = min(e.failures.items(), key=lambda kv: (not (kv[1].exitcode == 2 and _said(kv[1])),
-                                                                kv[1].exitcode < 0, kv[0]))
+        rank, failure = first_failure(e.failures)
         if failure.exitcode == 2 and _said(failure):
             print(f"prefalign: error: {failure.message}", file=sys.stderr)
         else:
@@ -120,6 +117,17 @@ def launcher(launch_args: list[str]) -> int:
     except SignalException as e:  # the workers were given the signal and stopped with a checkpoint
         return 128 + int(e.sigval)
     return 0
+
+
+def first_failure(failures: dict) -> tuple:
+    """The (rank, failure) that explains a failed launch: a rank that gave up on a UserError (its
+    message in its error file), else one that exited by itself, else one killed by a signal other
+    than the SIGTERM/SIGKILL the launcher sends the others once one has failed (a rank that
+    aborted, -6, is the cause, not the rank it stopped); the earliest, then the lowest rank."""
+    stopped_by_launcher = (-int(signal.SIGTERM), -int(signal.SIGKILL))
+    return min(failures.items(), key=lambda kv: (not (kv[1].exitcode == 2 and _said(kv[1])),
+                                                 kv[1].exitcode < 0, kv[1].exitcode in stopped_by_launcher,
+                                                 kv[1].timestamp, kv[0]))
 
 
 def _said(failure) -> bool:
@@ -363,4 +371,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if _launched():
+        # A rank leaves without interpreter teardown: gloo's worker threads can still hold tensors
+        # there, and freeing them while Python shuts down aborts the process ("terminate called
+        # without an active exception") after the run has finished and saved everything, which
+        # fails the whole launch. Everything the run writes is closed by now; flush the consoles.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
