@@ -56,6 +56,54 @@ def test_every_field_has_help_and_every_range_a_field(cls):
     assert set(cls.RANGES) <= names and set(getattr(cls, "PATHS", ())) <= names
 
 
+# ------------------------------------------------------------------------------ shared field groups
+
+
+def test_a_shared_setting_is_declared_once_and_its_range_reaches_every_command(capsys):
+    """AdamW's, sampling's, LoRA's ... fields live in field_groups; each command that inherits a group
+    gets its flags (under the group's heading), its range checks and its path expansion."""
+    from prefalign import field_groups as g
+
+    for cls, groups in [(GRPOConfig, (g.Rewards, g.Sampling, g.AdamW, g.Loading, g.LoRA, g.Run)),
+                        (PPOConfig, (g.Rewards, g.Sampling, g.AdamW, g.Loading, g.Checkpoints, g.Run)),
+                        (IterativeConfig, (g.Rewards, g.Sampling, g.Loading)),
+                        (RewardConfig, (g.AdamW, g.LoRA, g.Checkpoints, g.Run)),
+                        (config.TrainConfig, (g.AdamW, g.Loading, g.LoRA, g.Checkpoints, g.Run))]:
+        headings = [title for title, _ in fields.sections(cls)]
+        for group in groups:
+            assert issubclass(cls, group) and group.__doc__.strip() in headings
+            for name, spec in getattr(group, "RANGES", {}).items():
+                assert cls.RANGES[name] == spec, (cls.__name__, name)
+            assert set(getattr(group, "PATHS", ())) <= set(cls.PATHS)
+        shown = [f.name for _, fs in fields.sections(cls) for f in fs]
+        assert sorted(shown) == sorted(f.name for f in dataclasses.fields(cls))  # each field shown once
+    # A group's range is enforced for a flag of a command that inherits it.
+    assert cli.main(["ppo", "--model", "m", "--prompts", "p.jsonl", "--reward", "exact_answer",
+                     "--output", "o", "--adam-beta2", "1.5"]) == 2
+    assert "adam_beta2" in capsys.readouterr().err
+    with pytest.raises(UserError, match="top_p"):
+        IterativeConfig(top_p=0.0)
+    # A command's own default for a group's field stays its own; the others keep the group's.
+    assert GRPOConfig().lr_schedule == PPOConfig().lr_schedule == "constant"
+    assert config.TrainConfig().lr_schedule == RewardConfig().lr_schedule == "linear"
+
+
+def test_grpo_settings_offer_exactly_the_losses_choices():
+    """online.settings stays torch-free, so it names the GRPO loss's scalings and aggregations itself."""
+    from prefalign.losses import grpo
+
+    fields_ = GRPOConfig.__dataclass_fields__
+    assert tuple(fields_["scale"].metadata["choices"]) == grpo.SCALES
+    assert tuple(fields_["aggregation"].metadata["choices"]) == grpo.AGGREGATIONS
+    with pytest.raises(UserError, match="grpo config: scale must be one of group, batch, none; got 'x'"):
+        GRPOConfig(scale="x")
+
+
+def test_config_yaml_keeps_the_help_order():
+    keys = list(config.to_dict(config.TrainConfig()))
+    assert keys[:3] == ["model", "ref_model", "tokenizer"] and keys.index("lr") < keys.index("warmup_steps")
+
+
 # ------------------------------------------------------------------------------ eval and generate
 
 

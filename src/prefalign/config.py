@@ -9,17 +9,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass
 from typing import Any
 
-from prefalign import fields, hardware, trl_keys, validation, yamlio
+from prefalign import fields, trl_keys, validation, yamlio
 from prefalign.errors import UserError
+from prefalign.field_groups import ATTENTIONS, AdamW, Checkpoints, Loading, LoRA, Run
 
 _f = fields.option  # the one field helper of every command's settings
 
 
-@dataclass
-class TrainConfig:
+@fields.settings
+class TrainConfig(AdamW, Loading, LoRA, Checkpoints, Run):
+    """Every knob of `prefalign train` / `sft` (a YAML key and a flag each); the groups are field_groups'."""
+
     # what to train on
     model: str = _f("", "model: a local path or a hub id (any AutoModelForCausalLM)")
     ref_model: str = _f("", "reference model for --reference copy (empty: the same as --model)")
@@ -49,16 +51,9 @@ class TrainConfig:
     batch_size: int = _f(4, "pairs per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step (pairs/step = batch x accum x processes)")
     lr: float = _f(5e-7, "peak learning rate (AdamW)")
-    warmup_steps: int = _f(0, "linear warm-up steps")
     warmup_ratio: float = _f(0.0, "warm-up as a fraction of the run: ceil(ratio x total steps), used when "
                              "--warmup-steps is 0 (TRL's warmup_ratio)")
-    lr_schedule: str = _f("linear", "learning-rate schedule after warm-up", ["constant", "linear", "cosine"])
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
     seed: int = _f(0, "random seed (data order, dropout, init of LoRA)")
-    precision: str = _f("fp32", hardware.HELP, list(hardware.PRECISIONS))
     # data handling
     max_length: int = _f(1024, "max tokens of prompt + completion")
     max_prompt_length: int = _f(0, "max prompt tokens (0 = half of --max-length)")
@@ -69,7 +64,7 @@ class TrainConfig:
     attention: str = _f("auto", "attention implementation the models load with (auto: transformers' default, sdpa "
                         "where the model has it); flex_attention skips the masked blocks of packed rows (GPU for "
                         "training: torch has no flex_attention backward on CPU)",
-                        ["auto", "sdpa", "eager", "flex_attention"])
+                        ATTENTIONS)
     gradient_checkpointing: bool = _f(False, "recompute each layer's activations in the backward (much less "
                                       "activation memory for long sequences, for one more forward per layer; the same gradients)")
     lean_mlp: bool = _f(True, "recompute the MLP's act(gate) and act(gate) * up in the backward instead of keeping "
@@ -81,25 +76,13 @@ class TrainConfig:
     reference: str = _f("auto", "reference strategy (auto: copy, adapters-off with LoRA, none when the loss needs none)",
                         ["auto", "copy", "adapters-off", "precomputed", "none"])
     cache_dir: str = _f("", "where precomputed reference log-probs are cached (empty: OUTPUT/ref_cache)")
-    # LoRA
-    lora_r: int = _f(0, "LoRA rank (0 = full fine-tuning)")
-    lora_alpha: float = _f(16.0, "LoRA alpha")
-    lora_dropout: float = _f(0.0, "LoRA dropout")
-    lora_target_modules: str = _f("all-linear", "comma-separated module names for LoRA, or all-linear")
     qlora: bool = _f(False, "load the base in 4-bit (bitsandbytes, GPU only) and train LoRA on it")
     merge_lora: bool = _f(False, "also write merged full weights to OUTPUT/merged")
-    trust_remote_code: bool = _f(False, "allow the model repo's own Python code to run (off by default)")
     # logging, evaluation, checkpoints
-    log_every: int = _f(1, "log metrics every N steps")
     eval_every: int = _f(0, "evaluate on --eval-data every N steps (0 = only at the end)")
-    save_every: int = _f(0, "write a checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
-    resume: str = _f("", "resume: 'auto' (newest valid checkpoint in OUTPUT) or a checkpoint path; the run's "
-                     "settings come from OUTPUT/config.yaml, so --output alone is enough")
     resume_changes: str = _f("refuse", "a resume whose data, model or trajectory settings differ from the "
                              "checkpoint's is refused; allow = apply them, recorded in config.yaml's history",
                              ["refuse", "allow"])
-    overwrite: bool = _f(False, "replace an existing run in OUTPUT")
     tensorboard: bool = _f(False, "also log to TensorBoard under OUTPUT/tb")
     both_drop_threshold: float = _f(0.5, "both-drop alarm: fires when the monitor set's chosen per-token log-prob "
                                     "falls this far (nats, and beyond its noise) below step 0's while its margin grows")
@@ -109,8 +92,6 @@ class TrainConfig:
     monitor_pairs: int = _f(32, "pairs in the monitor set: a slice of --eval-data, else a seeded sample of --data")
     max_nonfinite: int = _f(5, "stop after this many non-finite steps in a row")
     chunk_size: int = _f(0, "tokens per chunk of the log-prob head (0 = automatic)")
-    progress: bool = _f(True, "show a progress bar")
-    save_model: bool = _f(True, "write the trained model to OUTPUT/model at the end")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -118,18 +99,15 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # The documented range of every numeric field (validation.Range specs; shown in each flag's help).
 # Every range also refuses nan and inf. A field without an entry takes any finite value.
 RANGES = {
+    **TrainConfig.RANGES,  # the groups'
     **{k: v for k, v in validation.LOSS_PARAM_RANGES.items() if k in FIELDS}, "label_smoothing": "[0, 0.5)",
     "max_steps": ">= 0", "epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "(0, 1)",
-    "warmup_steps": ">= 0", "warmup_ratio": "[0, 1]", "max_grad_norm": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
-    "adam_beta2": "[0, 1)", "seed": "[0, 2**32)",
-    "max_length": ">= 1", "max_prompt_length": ">= 0", "token_budget": ">= -1",
-    "lora_r": ">= 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
-    "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0", "keep_checkpoints": ">= 1",
-    "both_drop_threshold": "finite", "max_nonfinite": ">= 1", "chunk_size": ">= 0",
-    "monitor_every": ">= 0", "monitor_pairs": ">= 1",
+    "warmup_ratio": "[0, 1]", "seed": "[0, 2**32)", "max_length": ">= 1", "max_prompt_length": ">= 0",
+    "token_budget": ">= -1", "eval_every": ">= 0", "both_drop_threshold": "finite", "max_nonfinite": ">= 1",
+    "chunk_size": ">= 0", "monitor_every": ">= 0", "monitor_pairs": ">= 1",
 }
 # Fields holding a local path (or a hub id, which never starts with `~`): `~` is expanded.
-PATHS = ("model", "ref_model", "tokenizer", "data", "eval_data", "output", "cache_dir", "resume")
+PATHS = (*TrainConfig.PATHS, "model", "ref_model", "tokenizer", "data", "eval_data", "output", "cache_dir")
 TrainConfig.RANGES, TrainConfig.PATHS = RANGES, PATHS  # read by fields.add_flags, as every settings class's
 
 
@@ -272,7 +250,7 @@ def saved_config(output: str) -> dict:
 
 
 def to_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    return fields.ordered(TrainConfig, dataclasses.asdict(cfg))  # config.yaml in the help's order
 
 
 def check_attention(attention: str, cuda: bool | None = None) -> None:

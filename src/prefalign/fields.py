@@ -34,8 +34,52 @@ def option(default, help: str, choices=None, **meta) -> dataclasses.Field:
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def settings(cls):
+    """`@dataclass` for a command's settings class, whose RANGES, PATHS, ALIASES and REQUIRED also hold
+    those of the field groups it inherits (prefalign.field_groups), its own entries winning."""
+    cls = dataclasses.dataclass(cls)
+    for name, empty in (("RANGES", {}), ("ALIASES", {}), ("PATHS", ()), ("REQUIRED", ())):
+        parts = [vars(k)[name] for k in reversed(cls.__mro__) if name in vars(k)]
+        if isinstance(empty, dict):
+            setattr(cls, name, {k: v for part in parts for k, v in part.items()})
+        else:
+            setattr(cls, name, tuple(dict.fromkeys(x for part in parts for x in part)))
+    return cls
+
+
+def sections(cls) -> list[tuple[str | None, list[dataclasses.Field]]]:
+    """The fields of `cls` in the order its help shows them: the class's own first (no heading), then
+    each inherited group's under the group's docstring. A field a class redeclares (another default)
+    stays in the group that declares it first."""
+    home = {}
+    for klass in reversed(cls.__mro__):  # the most basic declaration wins
+        for name in vars(klass).get("__annotations__", {}):
+            home.setdefault(name, klass)
+    out = []
+    for klass in [cls] + [k for k in cls.__mro__[1:] if dataclasses.is_dataclass(k)]:
+        group = [cls.__dataclass_fields__[name] for name in vars(klass).get("__annotations__", {})
+                 if home[name] is klass]
+        if group:
+            out.append((None if klass is cls else klass.__doc__.strip(), group))
+    return out
+
+
+def ordered(cls, values: dict) -> dict:
+    """`values` (e.g. dataclasses.asdict of an instance) in the help's order, for a readable config.yaml."""
+    names = [f.name for _, group in sections(cls) for f in group]
+    return {**{n: values[n] for n in names if n in values}, **values}
+
+
 def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def check_choices(obj, where: str) -> None:
+    """Raise a UserError for the first field of `obj` whose value is not among its field's choices."""
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        if choices and getattr(obj, f.name) not in choices:
+            raise UserError(f"{where}: {f.name} must be one of {', '.join(choices)}; got {getattr(obj, f.name)!r}")
 
 
 def field_type(cls, name: str) -> tuple[type, type | None, bool]:
@@ -70,26 +114,31 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
     and the range. Choices show as {a,b,c}. The argparse defaults stay None, so the flags given are
     known, and values stay text: from_flags types and checks flags and YAML values the same way."""
     ranges, required = getattr(cls, "RANGES", {}), getattr(cls, "REQUIRED", ())
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        typ, elem, _ = field_type(cls, f.name)
-        text = (shown(f.name) if shown else None) or describe(default_of(f))
-        notes = "required" if f.name in required else f"default: {text}{validation.help_suffix(ranges.get(f.name))}"
-        kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} ({notes})".replace("%", "%%"))
-        choices = f.metadata.get("choices")
-        if typ is dict:
-            if "flag" in f.metadata:  # KEY=VALUE, repeatable
-                parser.add_argument(f.metadata["flag"], action="append", metavar=f.metadata.get("metavar"), **kw)
-        elif typ is bool:
-            parser.add_argument(flag_of(f.name), action=argparse.BooleanOptionalAction, **kw)
-        elif typ is list:
-            parser.add_argument(flag_of(f.name), nargs="+", type=elem or str, metavar=f.name.upper(), **kw)
-        else:  # a metavar would hide the choices
-            parser.add_argument(flag_of(f.name), metavar=None if choices else f.name.upper(), choices=choices, **kw)
+    for title, group in sections(cls):
+        target = parser if title is None else parser.add_argument_group(title)
+        for f in group:
+            if f.name not in skip:
+                _add_flag(target, cls, f, ranges, required, shown)
     for alias, name in getattr(cls, "ALIASES", {}).items():  # unlisted, as train's TRL names are (docs/trl.md)
         choices = cls.__dataclass_fields__[name].metadata.get("choices")
         parser.add_argument(flag_of(alias), dest=ALIAS + alias, default=None, choices=choices, help=argparse.SUPPRESS)
+
+
+def _add_flag(parser, cls, f: dataclasses.Field, ranges: dict, required, shown) -> None:
+    typ, elem, _ = field_type(cls, f.name)
+    text = (shown(f.name) if shown else None) or describe(default_of(f))
+    notes = "required" if f.name in required else f"default: {text}{validation.help_suffix(ranges.get(f.name))}"
+    kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} ({notes})".replace("%", "%%"))
+    choices = f.metadata.get("choices")
+    if typ is dict:
+        if "flag" in f.metadata:  # KEY=VALUE, repeatable
+            parser.add_argument(f.metadata["flag"], action="append", metavar=f.metadata.get("metavar"), **kw)
+    elif typ is bool:
+        parser.add_argument(flag_of(f.name), action=argparse.BooleanOptionalAction, **kw)
+    elif typ is list:
+        parser.add_argument(flag_of(f.name), nargs="+", type=elem or str, metavar=f.name.upper(), **kw)
+    else:  # a metavar would hide the choices
+        parser.add_argument(flag_of(f.name), metavar=None if choices else f.name.upper(), choices=choices, **kw)
 
 
 def coerce(cls, name: str, value: Any, where: str) -> Any:

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 
 from prefalign.errors import UserError
-from prefalign.fields import option
+from prefalign.field_groups import AdamW, Checkpoints, LoRA, Run
+from prefalign.fields import check_choices, option, settings
 from prefalign.validation import check_table
-
 
 _h = option  # the one field helper (prefalign.fields)
 
 
-@dataclass
-class RewardConfig:
+@settings
+class RewardConfig(AdamW, LoRA, Checkpoints, Run):
     """Every knob of a reward-model run (also the flags of `prefalign reward`: max_steps <-> --max-steps)."""
 
     model: str = _h("", "the causal LM the reward model starts from: a local path or a hub id (its body is kept, "
@@ -42,54 +41,29 @@ class RewardConfig:
     batch_size: int = _h(8, "pairs per micro-batch")
     grad_accum: int = _h(1, "micro-batches per optimizer step")
     lr: float = _h(1e-5, "peak learning rate (AdamW)")
-    warmup_steps: int = _h(0, "linear warm-up steps")
-    lr_schedule: str = _h("linear", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"))
-    max_grad_norm: float = _h(1.0, "gradient clipping norm (0 = off)")
-    weight_decay: float = _h(0.0, "AdamW weight decay")
-    adam_beta1: float = _h(0.9, "AdamW beta1")
-    adam_beta2: float = _h(0.999, "AdamW beta2")
     seed: int = _h(0, "random seed (data order, the score head's initialisation, LoRA)")
     # data handling
     max_length: int = _h(1024, "max tokens of prompt + completion")
     max_prompt_length: int = _h(0, "max prompt tokens (0 = half of --max-length)")
     on_bad_row: str = _h("error", "a bad data row stops the run, or is skipped and written to rejects.jsonl",
                          ("error", "skip"))
-    # LoRA
     lora_r: int = _h(0, "LoRA rank (0 = full fine-tuning); the score head is always trained in full")
-    lora_alpha: float = _h(16.0, "LoRA alpha")
-    lora_dropout: float = _h(0.0, "LoRA dropout")
-    lora_target_modules: str = _h("all-linear", "comma-separated module names for LoRA, or all-linear")
     trust_remote_code: bool = _h(False, "allow the model repo's own Python code to run (off by default)")
-    # logging, evaluation, checkpoints
-    log_every: int = _h(1, "log metrics every N steps")
     eval_every: int = _h(0, "evaluate on --eval-data every N steps (0 = only at the end)")
-    save_every: int = _h(0, "write a checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = _h(2, "keep the newest K checkpoints")
-    resume: str = _h("", "resume: 'auto' (newest valid checkpoint in OUTPUT) or a checkpoint path; the run's "
-                     "settings come from OUTPUT/config.yaml, so --output alone is enough")
     resume_changes: str = _h("refuse", "a resume whose data, model or trajectory settings differ from the "
                              "checkpoint's is refused; allow = apply them", ("refuse", "allow"))
-    overwrite: bool = _h(False, "replace an existing run in OUTPUT")
-    progress: bool = _h(True, "show a progress bar")
     save_model: bool = _h(True, "write the reward model to OUTPUT/model at the end (HF format: "
                           "AutoModelForSequenceClassification loads it)")
 
     RANGES = {
         "center_coef": ">= 0", "max_steps": ">= 0", "epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1",
-        "lr": "(0, 1)", "warmup_steps": ">= 0", "max_grad_norm": ">= 0", "weight_decay": ">= 0",
-        "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "seed": "[0, 2**32)", "max_length": ">= 2",
-        "max_prompt_length": ">= 0", "lora_r": ">= 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
-        "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0", "keep_checkpoints": ">= 1",
+        "lr": "(0, 1)", "seed": "[0, 2**32)", "max_length": ">= 2", "max_prompt_length": ">= 0", "eval_every": ">= 0",
     }
-    PATHS = ("model", "tokenizer", "data", "eval_data", "output", "resume")
+    PATHS = ("model", "tokenizer", "data", "eval_data", "output")
 
     def __post_init__(self):
         check_table(self, self.RANGES, "reward config")
-        for name, f in self.__dataclass_fields__.items():
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, name) not in choices:
-                raise UserError(f"reward config: {name} must be one of {', '.join(choices)}; "
-                                f"got {getattr(self, name)!r}")
+        check_choices(self, "reward config")
         if self.max_prompt_length and self.max_prompt_length >= self.max_length:
             raise UserError(f"reward config: max_prompt_length ({self.max_prompt_length}) must be below "
                             f"max_length ({self.max_length})")
