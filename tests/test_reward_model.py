@@ -204,6 +204,29 @@ def test_resumed_runs_end_with_the_weights_of_an_uninterrupted_one(run_files, tm
     assert len(err) == 1 and "the run changed (lr: 0.01 -> 0.02)" in err[0], err
 
 
+def test_bf16_autocast_scores_like_fp32_and_keeps_fp32_weights(run_files, tmp_path):  # noqa: F811
+    """--precision bf16: matmuls under autocast, the weights (master copy) and the scores stay fp32.
+    Step 1's loss is computed by the same initial model in both runs, so it agrees to bf16's rounding;
+    config.yaml and the run summary record the precision that ran; --attention reaches the model."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(reward_args(run_files, out, "--max-steps", "3", "--precision", precision,
+                                "--attention", "eager")) == 0
+        runs[precision] = out
+    fp32, bf16 = metrics(runs["fp32"]), metrics(runs["bf16"])
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2) and bf16[0]["loss"] != fp32[0]["loss"]
+    weights = model_weights(runs["bf16"])
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert any(not torch.equal(w, model_weights(runs["fp32"])[k]) for k, w in weights.items())
+    import yaml
+
+    saved = yaml.safe_load(open(runs["bf16"] / "config.yaml"))
+    assert saved["precision"] == "bf16" and saved["attention"] == "eager"
+    loaded = AutoModelForSequenceClassification.from_pretrained(runs["bf16"] / "model")
+    assert loaded.dtype == torch.float32
+
+
 def test_bad_rows_and_margins_are_user_errors(run_files, tmp_path, capsys):  # noqa: F811
     bad = write_rows(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c", "m": 1},
                                               {"prompt": "a", "chosen": " b"}])

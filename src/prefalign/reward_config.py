@@ -10,7 +10,7 @@ import dataclasses
 import os
 
 from prefalign.errors import UserError
-from prefalign.field_groups import AdamW, Checkpoints, LoRA, Run
+from prefalign.field_groups import AdamW, Checkpoints, Loading, LoRA, Run
 from prefalign.fields import check_choices, option, settings
 from prefalign.validation import check_table
 
@@ -18,7 +18,7 @@ _h = option  # the one field helper (prefalign.fields)
 
 
 @settings
-class RewardConfig(AdamW, LoRA, Checkpoints, Run):
+class RewardConfig(AdamW, Loading, LoRA, Checkpoints, Run):
     """Every knob of a reward-model run (also the flags of `prefalign reward`: max_steps <-> --max-steps)."""
 
     model: str = _h("", "the causal LM the reward model starts from: a local path or a hub id (its body is kept, "
@@ -48,7 +48,6 @@ class RewardConfig(AdamW, LoRA, Checkpoints, Run):
     on_bad_row: str = _h("error", "a bad data row stops the run, or is skipped and written to rejects.jsonl",
                          ("error", "skip"))
     lora_r: int = _h(0, "LoRA rank (0 = full fine-tuning); the score head is always trained in full")
-    trust_remote_code: bool = _h(False, "allow the model repo's own Python code to run (off by default)")
     eval_every: int = _h(0, "evaluate on --eval-data every N steps (0 = only at the end)")
     resume_changes: str = _h("refuse", "a resume whose data, model or trajectory settings differ from the "
                              "checkpoint's is refused; allow = apply them", ("refuse", "allow"))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefalign import checkpoint, fingerprint, models, optim, prepare, reward_model, rundir, signals
+from prefalign import checkpoint, fingerprint, hardware, models, optim, prepare, reward_model, rundir, signals
 from prefalign.config import TrainConfig
 from prefalign.data.formats import load_examples, place, read_records
 from prefalign.errors import UserError
@@ -55,6 +55,7 @@ class _State:
     stats: dict
     settings: dict         # the tokenization settings saved with the model (reward_model.CONFIG_KEY)
     fp: dict
+    autocast_ctx: object   # bf16 autocast or a null context (prepare.autocast); scores come out fp32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,13 +134,16 @@ def _setup(cfg: RewardConfig, model, tokenizer, say) -> _State:
         tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     items, stats, eval_items = _load_data(cfg, tokenizer, say)
     margins, eval_margins = _margins(cfg, cfg.data, items), _margins(cfg, cfg.eval_data, eval_items)
-    rm = reward_model.build(model if model is not None else cfg.model, tokenizer, cfg.seed, cfg.trust_remote_code)
+    rm = reward_model.build(model if model is not None else cfg.model, tokenizer, cfg.seed, cfg.trust_remote_code,
+                            cfg.attention)
     if cfg.lora_r > 0:
         rm = reward_model.apply_lora(rm, cfg)
-    rm.to("cuda" if torch.cuda.is_available() else "cpu").train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rm.to(device).train()
     settings = {"chat": _is_chat(cfg), "max_length": cfg.max_length,
                 "max_prompt_length": prepare.max_prompt_length(_data_view(cfg))}
-    return _State(cfg, rm, tokenizer, items, margins, eval_items, eval_margins, stats, settings, fp)
+    return _State(cfg, rm, tokenizer, items, margins, eval_items, eval_margins, stats, settings, fp,
+                  prepare.autocast(cfg, device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +152,8 @@ def _setup(cfg: RewardConfig, model, tokenizer, say) -> _State:
 
 def _batch_loss(st: _State, items, margins):
     """(summed loss, summed metrics) of one micro-batch."""
-    chosen, rejected = reward_model.pair_scores(st.model, items)
+    with st.autocast_ctx():  # bf16 matmuls over fp32 weights; the scores and the loss stay fp32
+        chosen, rejected = reward_model.pair_scores(st.model, items)
     margin = torch.tensor(margins, device=chosen.device) if st.cfg.margin_column else None
     out = bradley_terry(chosen, rejected, margin, st.cfg.center_coef)
     sums = {"rewards/accuracies": out.correct.sum().item(), "rewards/margins": out.margins.sum().item(),
@@ -203,6 +208,7 @@ def _run(cfg: RewardConfig, model, tokenizer) -> RewardRun:
     def say(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    cfg = dataclasses.replace(cfg, precision=hardware.announce(cfg.precision, say))  # config.yaml: what ran
     torch.manual_seed(cfg.seed)
     st = _setup(cfg, model, tokenizer, say)
     params = [p for p in st.model.parameters() if p.requires_grad]
@@ -220,7 +226,7 @@ def _run(cfg: RewardConfig, model, tokenizer) -> RewardRun:
     trainable, n_params = models.trainable_parameters(st.model)
     n_tokens = sum(len(i.prompt_ids) * 2 + len(i.chosen_ids) + len(i.rejected_ids) for i in st.items)
     say(run_summary(stats=st.stats, steps=total, start=start, batch=cfg.batch_size, accum=cfg.grad_accum, world=1,
-                    unit="pairs", trainable=trainable, params=n_params, precision="fp32", reference="none",
+                    unit="pairs", trainable=trainable, params=n_params, precision=cfg.precision, reference="none",
                     tokens_per_step=cfg.batch_size * cfg.grad_accum * n_tokens / len(st.items)))
     log = MetricsLog(cfg.output, True, resume_step=start if cfg.resume else None)
     history, stopped, done = _loop(st, opt, sched, params, start, total, log)
