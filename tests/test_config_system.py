@@ -65,7 +65,7 @@ def test_a_shared_setting_is_declared_once_and_its_range_reaches_every_command(c
     from prefalign import field_groups as g
 
     for cls, groups in [(GRPOConfig, (g.Rewards, g.Sampling, g.AdamW, g.Loading, g.LoRA, g.Run)),
-                        (PPOConfig, (g.Rewards, g.Sampling, g.AdamW, g.Loading, g.Checkpoints, g.Run)),
+                        (PPOConfig, (g.Rewards, g.Sampling, g.AdamW, g.Loading, g.LoRA, g.Checkpoints, g.Run)),
                         (IterativeConfig, (g.Rewards, g.Sampling, g.Loading)),
                         (RewardConfig, (g.AdamW, g.LoRA, g.Checkpoints, g.Run)),
                         (config.TrainConfig, (g.AdamW, g.Loading, g.LoRA, g.Checkpoints, g.Run))]:

@@ -311,6 +311,35 @@ def test_cli_ppo_with_a_builtin_reward(tok, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_lora_policy_is_its_own_reference_and_resumes_exactly(tok, tmp_path):
+    """--lora-r: only the adapters train (the value model in full); the reference is the policy with its
+    adapters off, no copy, so step 1's KL is exactly 0 and later ones are not; OUTPUT/model is an
+    adapter that prefalign loads; 1 step + --resume auto to 2 ends where a 2-step run ends."""
+    from prefalign.models import is_peft, load_model
+
+    base = tmp_path / "base"  # from a folder: the saved adapter names its base model
+    tiny(tok).save_pretrained(base)
+    tok.save_pretrained(base)
+    lora = dict(model=str(base), lora_r=4, lora_alpha=8.0, kl_coef=0.1, **dict(RUN, save_model=True))
+    whole = ppo(PPOConfig(output=str(tmp_path / "whole"), steps=2, **lora), prompts=SUMS, reward=starts7)
+    assert is_peft(whole.policy)
+    trained = [n for n, p in whole.policy.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert any(p.requires_grad for p in whole.value.parameters())
+    lines = [json.loads(x) for x in open(tmp_path / "whole" / "metrics.jsonl")]
+    assert lines[0]["kl"] == 0.0 and lines[1]["kl"] > 0.0   # adapters off = the start policy, exactly
+    assert os.path.isfile(tmp_path / "whole" / "model" / "adapter_config.json")
+    loaded = load_model(str(tmp_path / "whole" / "model"))
+    ids = torch.tensor([tok("3+4=")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, whole.policy.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    ppo(PPOConfig(output=str(tmp_path / "split"), steps=1, save_every=1, **lora), prompts=SUMS, reward=starts7)
+    resumed = ppo(PPOConfig(output=str(tmp_path / "split"), steps=2, resume="auto", **lora), prompts=SUMS,
+                  reward=starts7)
+    a, b = _weights(whole), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 class Crash:
     """A reward that kills the run (KeyboardInterrupt: no handler runs) when called for step `at`."""
 

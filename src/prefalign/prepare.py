@@ -163,8 +163,9 @@ def with_lora(cfg, model):
     """The policy with LoRA adapters when cfg.lora_r > 0 (seeded: the same adapters each run)."""
     if cfg.lora_r > 0 and not models.is_peft(model):
         torch.manual_seed(cfg.seed)
+        # ppo has no qlora: its value model copies the policy's body, which must stay full precision
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                                  qlora=cfg.qlora)
+                                  qlora=getattr(cfg, "qlora", False))
     return model
 
 

@@ -10,6 +10,7 @@ settings, vocabulary check); the output directory is held and checked as train's
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -121,6 +122,32 @@ def load_policy(cfg, model=None, tokenizer=None, qlora: bool = False):
     loads them (prepare.load_tokenizer / load_model: attention, trust_remote_code, vocabulary check)."""
     tokenizer = prepare.load_tokenizer(cfg, model, tokenizer)
     return prepare.load_model(cfg, tokenizer, model, qlora=qlora), tokenizer
+
+
+def initial_reference(cfg, policy, tok, ref_model, device):
+    """The KL term's reference: ref_model (object or cfg.ref_model path, loaded as the policy is) if
+    given; else the initial policy: a LoRA policy itself, run with its adapters off (no second copy;
+    see reference_mode), or a frozen copy."""
+    from prefalign.models import freeze, is_peft
+
+    if ref_model is not None or cfg.ref_model:
+        return freeze(prepare.load_model(cfg, tok, ref_model, cfg.ref_model)).to(device)
+    if is_peft(policy):
+        return policy
+    return freeze(copy.deepcopy(policy)).to(device)
+
+
+@contextlib.contextmanager
+def reference_mode(ref, policy):
+    """The reference forward: no autograd, no dropout; a LoRA policy that is its own reference runs
+    with its adapters off (the base model: the initial policy)."""
+    was_training = ref.training
+    ref.eval()
+    try:
+        with torch.no_grad(), (ref.disable_adapter() if ref is policy else contextlib.nullcontext()):
+            yield
+    finally:
+        ref.train(was_training)
 
 
 @contextlib.contextmanager

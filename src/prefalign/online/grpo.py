@@ -35,8 +35,6 @@ entropy would need the [N, V] logits this module avoids).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import os
 import time
@@ -50,7 +48,8 @@ from prefalign.lean import lean_mlps
 from prefalign.losses.grpo import group_advantages, grpo_loss
 from prefalign.metrics import Console, MetricsLog, peak_memory_mb
 from prefalign.online.common import (
-    PromptSet, begin, claimed, completion_token_logps, load_policy, make_reward, plot_run, prompt_set,
+    PromptSet, begin, claimed, completion_token_logps, initial_reference, load_policy, make_reward, plot_run,
+    prompt_set, reference_mode,
 )
 from prefalign.online.settings import GRPOConfig  # noqa: F401 (the settings live apart: the CLI imports them without torch)
 from prefalign.sampling import SamplingConfig, generate
@@ -118,25 +117,11 @@ def _set_up(cfg: GRPOConfig, model, tokenizer, prompts, reward, ref_model) -> _R
     if len(pset) < cfg.prompts_per_step:
         raise UserError(f"{len(pset)} prompts, fewer than prompts_per_step ({cfg.prompts_per_step})")
     score_fn = make_reward(reward if reward is not None else cfg.reward, cfg.reward_weights)
-    ref = _reference(cfg, policy, tok, ref_model, device)
+    ref = None if cfg.kl_coef == 0 else initial_reference(cfg, policy, tok, ref_model, device)  # 0: nothing loaded
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = optim.adamw(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.steps * cfg.mu))
     return _Run(policy, tok, pset, score_fn, ref, prepare.autocast(cfg, device), opt, sched, params)
-
-
-def _reference(cfg: GRPOConfig, policy, tok, ref_model, device):
-    """The KL term's reference: none at kl_coef 0 (nothing is loaded); ref_model (object or path) if
-    given; else the initial policy: a LoRA policy with its adapters off, or a frozen copy."""
-    from prefalign.models import freeze, is_peft
-
-    if cfg.kl_coef == 0:
-        return None
-    if ref_model is not None or cfg.ref_model:
-        return freeze(prepare.load_model(cfg, tok, ref_model, cfg.ref_model)).to(device)
-    if is_peft(policy):
-        return policy
-    return freeze(copy.deepcopy(policy)).to(device)
 
 
 def _train(cfg: GRPOConfig, run: _Run) -> list[dict]:
@@ -222,7 +207,7 @@ def update(policy, ref, opt, sched, params, cfg: GRPOConfig, autocast_ctx, pad_i
 
     ref_lps = [None] * len(micros)
     if ref is not None:
-        with _reference_mode(ref, policy), autocast_ctx():
+        with reference_mode(ref, policy), autocast_ctx():
             ref_lps = [completion_token_logps(ref, *inputs(m), **kw)[0] for m in micros]
     old_lps = [None] * len(micros)  # None: the first pass, where old = current (ratio 1)
     sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
@@ -255,14 +240,3 @@ def update(policy, ref, opt, sched, params, cfg: GRPOConfig, autocast_ctx, pad_i
     return sums
 
 
-@contextlib.contextmanager
-def _reference_mode(ref, policy):
-    """The reference forward: no autograd, no dropout; a LoRA policy that is its own reference runs
-    with its adapters off (the base model: the initial policy)."""
-    was_training = ref.training
-    ref.eval()
-    try:
-        with torch.no_grad(), (ref.disable_adapter() if ref is policy else contextlib.nullcontext()):
-            yield
-    finally:
-        ref.train(was_training)

@@ -7,7 +7,9 @@ to the reference per token, estimate advantages with a value model, take clipped
 
 Four models are resident: the policy (trained), the reference (frozen copy of the start), the
 reward (a function or a reward model, under no_grad) and the value model (trained; see
-online/value.py for why it is separate and where it starts).
+online/value.py for why it is separate and where it starts). With --lora-r the policy trains
+LoRA adapters and is its own reference with the adapters off (no copy); the value model, a
+model of its own, still trains in full.
 
 One step (one generation batch of P prompts, one completion each):
   1. sample from the current policy (prefalign.sampling, KV cache; seed = f(seed, step));
@@ -37,7 +39,6 @@ scheduler, the RNG and the KL controller: `--resume auto` continues exactly.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -47,15 +48,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prefalign import checkpoint, fingerprint, hardware, optim, rundir, signals
+from prefalign import checkpoint, fingerprint, hardware, optim, prepare, rundir, signals
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
 from prefalign.losses.ppo import (AdaptiveKL, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
                                   kl_penalty_rewards, masked_mean, whiten)
 from prefalign.metrics import Console, MetricsLog, peak_memory_mb, read_jsonl
-from prefalign.online.common import (PromptSet, completion_token_logps, load_policy, load_prompts, make_reward,
-                                     plot_run)
-from prefalign.prepare import autocast
+from prefalign.online.common import (PromptSet, completion_token_logps, initial_reference, load_policy, load_prompts,
+                                     make_reward, plot_run, reference_mode)
 from prefalign.sampling import SamplingConfig, generate
 from prefalign.online.settings import PPOConfig  # noqa: F401 (the CLI imports the settings without torch)
 from prefalign.online.value import build_value_model, completion_token_values, value_source
@@ -134,7 +134,8 @@ def make_rollout(actors: Actors, ref, cfg: PPOConfig, ac, pad_id: int, prompt_id
         for m in _chunks(list(range(len(completion_ids))), cfg.micro_batch):
             p, c = [prompt_ids[i] for i in m], [completion_ids[i] for i in m]
             parts["lp"].append(completion_token_logps(actors.policy, p, c, **lp_kw)[0])
-            parts["ref"].append(completion_token_logps(ref, p, c, **lp_kw)[0])
+            with reference_mode(ref, actors.policy):
+                parts["ref"].append(completion_token_logps(ref, p, c, **lp_kw)[0])
             parts["v"].append(completion_token_values(actors.value, p, c, **kw))
     T = max(len(c) for c in completion_ids)
     lp, ref_lp, values = (_stack(parts[k], T) for k in ("lp", "ref", "v"))       # [B, T] each
@@ -219,8 +220,6 @@ class _Run:
 
 
 def _setup(cfg: PPOConfig, model, tokenizer, prompts, reward, ref_model, value_model) -> _Run:
-    from prefalign.models import check_vocab, freeze, load_model
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg, model, tokenizer)
@@ -230,13 +229,12 @@ def _setup(cfg: PPOConfig, model, tokenizer, prompts, reward, ref_model, value_m
     if len(pset) < cfg.prompts_per_step:
         raise UserError(f"{len(pset)} prompts, fewer than prompts_per_step ({cfg.prompts_per_step})")
     score_fn = make_reward(reward if reward is not None else cfg.reward, cfg.reward_weights)
-    if ref_model is None and cfg.ref_model:
-        ref_model = load_model(cfg.ref_model)
-        check_vocab(tok, ref_model, cfg.ref_model)
-    # Built before a resume loads trained weights: the reference is the START policy.
-    ref = freeze(ref_model if ref_model is not None else copy.deepcopy(policy)).to(device)
-    if value_model is None:
+    if value_model is None:  # before LoRA: a value model from the policy copies its plain body
         value_model = build_value_model(value_source(cfg.value_model, cfg.reward), policy, tok)
+    policy = prepare.with_lora(cfg, policy)
+    # Built before a resume loads trained weights: the reference is the START policy (with LoRA,
+    # the policy itself with its adapters off: no copy in memory).
+    ref = initial_reference(cfg, policy, tok, ref_model, device)
     actors = Actors(policy, value_model).to(device).eval()  # eval: dropout off (see the module docstring)
     lean_mlps(actors)  # bitwise the same gradients, half the MLP activations (prefalign.lean)
     opt = optim.adamw([{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
@@ -245,7 +243,7 @@ def _setup(cfg: PPOConfig, model, tokenizer, prompts, reward, ref_model, value_m
     total = cfg.steps * cfg.ppo_epochs * cfg.minibatches_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
-    return _Run(cfg, actors, ref, tok, pset, score_fn, opt, sched, kl, autocast(cfg, device), fp)
+    return _Run(cfg, actors, ref, tok, pset, score_fn, opt, sched, kl, prepare.autocast(cfg, device), fp)
 
 
 def _fingerprint(cfg: PPOConfig, model) -> dict:

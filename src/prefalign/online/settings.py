@@ -140,7 +140,7 @@ class IterativeConfig(Rewards, Sampling, Loading):
 
 
 @settings
-class PPOConfig(Rewards, Sampling, AdamW, Loading, Checkpoints, Run):
+class PPOConfig(Rewards, Sampling, AdamW, Loading, LoRA, Checkpoints, Run):
     """Every knob of a PPO-RLHF run (also the flags of `prefalign ppo`: steps <-> --steps)."""
 
     model: str = option("", 'the policy to train (usually an SFT model): a path or hub id')
@@ -168,6 +168,8 @@ class PPOConfig(Rewards, Sampling, AdamW, Loading, Checkpoints, Run):
     value_lr: float = option(0.0, 'value model learning rate (0 = lr)')
     lr_schedule: str = option("constant", 'learning-rate schedule after warm-up', LR_SCHEDULES)
     max_grad_norm: float = option(1.0, 'gradient clipping norm, per model (0 = off)')
+    lora_r: int = option(0, "the policy's LoRA rank (0 = full fine-tuning); with no ref_model the reference is "
+                            "the policy with its adapters off; the value model trains in full")
     chunk_size: int = option(0, 'tokens per chunk of the log-prob head (0 = automatic)')
     packing: bool = option(True, 'pack [prompt | completion] segments side by side, no padding; off = padded rows')
     token_budget: int = option(0, 'tokens per packed row (0 = the longest segment of the micro-batch)')
