@@ -311,6 +311,7 @@ def test_cli_ppo_with_a_builtin_reward(tok, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_policy_is_its_own_reference_and_resumes_exactly(tok, tmp_path):
     """--lora-r: only the adapters train (the value model in full); the reference is the policy with its
     adapters off, no copy, so step 1's KL is exactly 0 and later ones are not; OUTPUT/model is an
