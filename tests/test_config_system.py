@@ -100,8 +100,12 @@ def test_grpo_settings_offer_exactly_the_losses_choices():
 
 
 def test_config_yaml_keeps_the_help_order():
+    """config.yaml lists a run's settings as --help does: the command's own first, then each group's."""
     keys = list(config.to_dict(config.TrainConfig()))
     assert keys[:3] == ["model", "ref_model", "tokenizer"] and keys.index("lr") < keys.index("warmup_steps")
+    for cls in (GRPOConfig, PPOConfig, RewardConfig):
+        shown = [f.name for _, group in fields.sections(cls) for f in group]
+        assert list(fields.as_dict(cls())) == shown and shown[0] == "model"
 
 
 # ------------------------------------------------------------------------------ eval and generate

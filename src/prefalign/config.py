@@ -250,7 +250,7 @@ def saved_config(output: str) -> dict:
 
 
 def to_dict(cfg: TrainConfig) -> dict:
-    return fields.ordered(TrainConfig, dataclasses.asdict(cfg))  # config.yaml in the help's order
+    return fields.as_dict(cfg)
 
 
 def check_attention(attention: str, cuda: bool | None = None) -> None:

@@ -71,6 +71,11 @@ def ordered(cls, values: dict) -> dict:
     return {**{n: values[n] for n in names if n in values}, **values}
 
 
+def as_dict(obj) -> dict:
+    """dataclasses.asdict of a settings instance in the help's order: config.yaml reads like `--help`."""
+    return ordered(type(obj), dataclasses.asdict(obj))
+
+
 def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 

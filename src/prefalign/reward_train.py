@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefalign import checkpoint, fingerprint, hardware, models, optim, prepare, reward_model, rundir, signals
+from prefalign import checkpoint, fields, fingerprint, hardware, models, optim, prepare, reward_model, rundir, signals
 from prefalign.config import TrainConfig
 from prefalign.data.formats import load_examples, place, read_records
 from prefalign.errors import UserError
@@ -221,7 +221,7 @@ def _run(cfg: RewardConfig, model, tokenizer) -> RewardRun:
     ckpt_root = os.path.join(cfg.output, "checkpoints")
     rundir.begin(cfg.output, replace=path is None or os.path.dirname(os.path.realpath(path))
                  != os.path.realpath(ckpt_root))
-    fingerprint.write_config(cfg.output, {"command": "reward", **dataclasses.asdict(cfg)},
+    fingerprint.write_config(cfg.output, {"command": "reward", **fields.as_dict(cfg)},
                              fingerprint.history(cfg.output) if cfg.resume else [], start, changes)
     trainable, n_params = models.trainable_parameters(st.model)
     n_tokens = sum(len(i.prompt_ids) * 2 + len(i.chosen_ids) + len(i.rejected_ids) for i in st.items)

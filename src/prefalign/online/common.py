@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
-from prefalign import logprobs, prepare, rundir
+from prefalign import fields, logprobs, prepare, rundir
 from prefalign.data.batching import pad_sequences
 from prefalign.errors import UserError
 from prefalign.online.rewards import CombinedReward, combine, load_reward
@@ -170,7 +169,7 @@ def write_config(output: str, cfg) -> None:
     from prefalign.yamlio import dumps
 
     with open(os.path.join(output, "config.yaml"), "w", encoding="utf-8") as fh:
-        fh.write(dumps(_plain(dataclasses.asdict(cfg))))
+        fh.write(dumps(_plain(fields.as_dict(cfg))))
 
 
 def _plain(value):

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prefalign import checkpoint, fingerprint, hardware, optim, prepare, rundir, signals
+from prefalign import checkpoint, fields, fingerprint, hardware, optim, prepare, rundir, signals
 from prefalign.errors import UserError
 from prefalign.lean import lean_mlps
 from prefalign.losses.ppo import (AdaptiveKL, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
@@ -336,7 +336,7 @@ def _ppo(cfg: PPOConfig, model, tokenizer, prompts, reward, ref_model, value_mod
                          run.actors.value, run.tok)
     resumed_here = start > 0
     rundir.begin(cfg.output, replace=not resumed_here)
-    fingerprint.write_config(cfg.output, dataclasses.asdict(cfg), fingerprint.history(cfg.output) if resumed_here
+    fingerprint.write_config(cfg.output, fields.as_dict(cfg), fingerprint.history(cfg.output) if resumed_here
                              else [], start, {})
     log = MetricsLog(cfg.output, True, resume_step=start if resumed_here else None)
 

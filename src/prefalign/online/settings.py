@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from prefalign.errors import UserError
-from prefalign.field_groups import ATTENTIONS, LR_SCHEDULES, AdamW, Checkpoints, Loading, LoRA, Rewards, Run, Sampling  # noqa: F401 (ATTENTIONS re-exported)
+from prefalign.field_groups import LR_SCHEDULES, AdamW, Checkpoints, Loading, LoRA, Rewards, Run, Sampling
 from prefalign.fields import check_choices, option, settings
 from prefalign.validation import check_table
 
