@@ -23,6 +23,33 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_online_methods_and_reward_model_from_the_package(tmp_path):
+    """The docs/python.md GRPO example on a tiny model, imported from the package itself; every exported
+    online name is the function or class the CLI runs."""
+    import prefalign
+    from prefalign import GRPOConfig, grpo
+    from prefalign.online import grpo as grpo_module, iterative, ppo, settings
+    from prefalign import reward_config, reward_train
+
+    assert (prefalign.grpo, prefalign.ppo, prefalign.iterate, prefalign.train_reward) == (
+        grpo_module.grpo, ppo.ppo, iterative.iterate, reward_train.train_reward)
+    assert (prefalign.GRPOConfig, prefalign.PPOConfig, prefalign.IterativeConfig, prefalign.RewardConfig) == (
+        settings.GRPOConfig, settings.PPOConfig, settings.IterativeConfig, reward_config.RewardConfig)
+    assert set(prefalign._LAZY) <= set(dir(prefalign))
+
+    def starts_with_7(prompts, completions, **_):
+        return [float(c.startswith("7")) for c in completions]
+
+    model, tokenizer = make_model("llama", seed=0), make_tokenizer()
+    cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=4, lr=1e-3, output=str(tmp_path / "g"),
+                     progress=False)
+    result = grpo(cfg, model=model, tokenizer=tokenizer, prompts=[{"prompt": f"{i}+4="} for i in range(8)],
+                  reward=starts_with_7)
+    assert [r["step"] for r in result.history] == [1, 2]
+    assert all(0.0 <= r["reward/mean"] <= 1.0 for r in result.history)
+    assert os.path.isfile(tmp_path / "g" / "model" / "config.json") and result.policy is model
+
+
 def test_the_readme_example(tmp_path):
     # The example of docs/python.md, on a tiny model and a list of dicts.
     import prefalign
