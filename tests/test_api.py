@@ -120,3 +120,17 @@ def test_losses_are_exported():
     assert dpo(z, z, z, z).losses.tolist() == pytest.approx([math.log(2)] * 3)
     assert ipo(z, z, z, z, beta=0.1).losses.tolist() == pytest.approx([25.0] * 3)
     assert callable(kto) and callable(simpo)
+
+
+def test_a_run_leaves_the_callers_config_as_given(tmp_path):
+    """precision "auto" is resolved for the run (config.yaml records it), not written into the caller's object."""
+    from prefalign import GRPOConfig, grpo
+
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=2, precision="auto",
+                     output=str(tmp_path / "g"), progress=False, save_model=False)
+    grpo(cfg, model=make_model("llama", seed=0), tokenizer=make_tokenizer(), prompts=[{"prompt": "1+1="}] * 2,
+         reward=lambda prompts, completions, **_: [0.0] * len(completions))
+    assert cfg.precision == "auto"
+    import yaml
+
+    assert yaml.safe_load(open(tmp_path / "g" / "config.yaml"))["precision"] in ("fp32", "bf16")

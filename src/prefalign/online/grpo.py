@@ -35,6 +35,7 @@ entropy would need the [N, V] logits this module avoids).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -92,7 +93,8 @@ def grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, prompts=None, reward=No
 
     cfg.validate()
     check_attention(cfg.attention)  # before the output directory is touched
-    cfg.precision = hardware.announce(cfg.precision)  # config.yaml records what ran
+    # config.yaml records what ran; the caller's config object is left as given
+    cfg = dataclasses.replace(cfg, precision=hardware.announce(cfg.precision))
     with claimed(cfg):  # OUTPUT/.lock from before loading to the end, as `prefalign train`
         run = _set_up(cfg, model, tokenizer, prompts, reward, ref_model)
         begin(cfg.output, cfg)

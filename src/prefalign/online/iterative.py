@@ -26,6 +26,7 @@ final policy's reward on fresh samples.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ def iterate(cfg: IterativeConfig, *, model=None, tokenizer=None, prompts=None, r
 
     cfg.validate()
     check_attention(cfg.attention)  # each round trains: refused now, not after round 1's sampling
-    cfg.precision = hardware.announce(cfg.precision)  # once; each round's DPO gets the concrete value
+    # once; each round's DPO gets the concrete value (the caller's config object is left as given)
+    cfg = dataclasses.replace(cfg, precision=hardware.announce(cfg.precision))
     with claimed(cfg):  # OUTPUT/.lock from before loading to the end, as `prefalign train`
         run = _set_up(cfg, model, tokenizer, prompts, reward)
         begin(cfg.output, cfg)
