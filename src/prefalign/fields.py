@@ -80,8 +80,10 @@ def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def check_choices(obj, where: str) -> None:
-    """Raise a UserError for the first field of `obj` whose value is not among its field's choices."""
+def check(obj, where: str) -> None:
+    """Raise a UserError (prefixed `where`) for the first field of a settings instance outside its
+    RANGES entry or its field's choices."""
+    validation.check_table(obj, getattr(obj, "RANGES", {}), where)
     for f in dataclasses.fields(obj):
         choices = f.metadata.get("choices")
         if choices and getattr(obj, f.name) not in choices:

@@ -11,8 +11,7 @@ import os
 
 from prefalign.errors import UserError
 from prefalign.field_groups import AdamW, Checkpoints, Loading, LoRA, Run
-from prefalign.fields import check_choices, option, settings
-from prefalign.validation import check_table
+from prefalign.fields import check, option, settings
 
 _h = option  # the one field helper (prefalign.fields)
 
@@ -61,8 +60,7 @@ class RewardConfig(AdamW, Loading, LoRA, Checkpoints, Run):
     PATHS = ("model", "tokenizer", "data", "eval_data", "output")
 
     def __post_init__(self):
-        check_table(self, self.RANGES, "reward config")
-        check_choices(self, "reward config")
+        check(self, "reward config")
         if self.max_prompt_length and self.max_prompt_length >= self.max_length:
             raise UserError(f"reward config: max_prompt_length ({self.max_prompt_length}) must be below "
                             f"max_length ({self.max_length})")

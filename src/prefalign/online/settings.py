@@ -11,8 +11,7 @@ import os
 
 from prefalign.errors import UserError
 from prefalign.field_groups import LR_SCHEDULES, AdamW, Checkpoints, Loading, LoRA, Rewards, Run, Sampling
-from prefalign.fields import check_choices, option, settings
-from prefalign.validation import check_table
+from prefalign.fields import check, option, settings
 
 SCALES = ("group", "batch", "none")  # losses.grpo's (a test holds them equal; this module stays torch-free)
 AGGREGATIONS = ("grpo", "dr_grpo", "dapo")
@@ -64,8 +63,7 @@ class GRPOConfig(Rewards, Sampling, AdamW, Loading, LoRA, Run):
 
     def validate(self) -> None:
         self.check_rewards("grpo config")
-        check_table(self, self.RANGES, "grpo config")
-        check_choices(self, "grpo config")
+        check(self, "grpo config")
         if self.qlora and not self.lora_r:
             raise UserError("grpo config: qlora needs LoRA (set lora_r > 0)")
 
@@ -117,8 +115,7 @@ class IterativeConfig(Rewards, Sampling, Loading):
 
     def validate(self) -> None:
         self.check_rewards("iterate config")
-        check_table(self, self.RANGES, "iterate config")
-        check_choices(self, "iterate config")
+        check(self, "iterate config")
         from prefalign.losses import get_loss
 
         if get_loss(self.loss).kind != "paired":  # unknown names: a UserError with a suggestion
@@ -190,8 +187,7 @@ class PPOConfig(Rewards, Sampling, AdamW, Loading, LoRA, Checkpoints, Run):
 
     def validate(self) -> None:
         self.check_rewards("ppo config")
-        check_table(self, self.RANGES, "ppo config")
-        check_choices(self, "ppo config")
+        check(self, "ppo config")
         if self.mini_batch and self.prompts_per_step % self.mini_batch:
             raise UserError(f"ppo config: mini_batch {self.mini_batch} does not divide prompts_per_step "
                             f"{self.prompts_per_step}")
