@@ -227,6 +227,14 @@ def test_bf16_autocast_scores_like_fp32_and_keeps_fp32_weights(run_files, tmp_pa
     assert loaded.dtype == torch.float32
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flex_attention trains on CUDA")
+def test_flex_attention_on_cpu_is_refused_before_anything_is_written(run_files, tmp_path, capsys):  # noqa: F811
+    assert main(reward_args(run_files, tmp_path / "flex", "--max-steps", "1", "--attention", "flex_attention")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--attention flex_attention" in err[0] and "CUDA" in err[0], err
+    assert not os.path.exists(tmp_path / "flex")
+
+
 def test_bad_rows_and_margins_are_user_errors(run_files, tmp_path, capsys):  # noqa: F811
     bad = write_rows(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c", "m": 1},
                                               {"prompt": "a", "chosen": " b"}])

@@ -68,17 +68,6 @@ def _score_head(hidden: int, bias: bool, seed: int) -> torch.nn.Linear:
     return head
 
 
-def build(model_source, tokenizer, seed: int, trust_remote_code: bool = False, attention: str = "auto"):
-    """The reward model to train: from a causal LM path / hub id, or an in-process causal LM."""
-    lm = model_source
-    if isinstance(model_source, str):
-        lm = models.load_model(model_source, trust_remote_code=trust_remote_code, attention=attention)
-    else:
-        models.set_attention(lm, attention)
-    models.check_vocab(tokenizer, lm, model_source if isinstance(model_source, str) else "")
-    return from_causal_lm(lm, tokenizer.pad_token_id, seed)
-
-
 def apply_lora(model, cfg):
     """LoRA on the body; the score head is new, so peft's SEQ_CLS task trains it in full (modules_to_save)."""
     torch.manual_seed(cfg.seed)

@@ -134,8 +134,8 @@ def _setup(cfg: RewardConfig, model, tokenizer, say) -> _State:
         tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     items, stats, eval_items = _load_data(cfg, tokenizer, say)
     margins, eval_margins = _margins(cfg, cfg.data, items), _margins(cfg, cfg.eval_data, eval_items)
-    rm = reward_model.build(model if model is not None else cfg.model, tokenizer, cfg.seed, cfg.trust_remote_code,
-                            cfg.attention)
+    lm = prepare.load_model(cfg, tokenizer, model)  # as train loads its policy: attention, trust, vocabulary
+    rm = reward_model.from_causal_lm(lm, tokenizer.pad_token_id, cfg.seed)
     if cfg.lora_r > 0:
         rm = reward_model.apply_lora(rm, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -200,6 +200,9 @@ def evaluate(st: _State, items=None, margins=None) -> dict:
 def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RewardRun:
     """Run `prefalign reward`. `model` (a causal LM) / `tokenizer` objects may replace cfg's paths.
     Holds the output directory (rundir.claim: locked, checked) from before loading to the end."""
+    from prefalign.config import check_attention
+
+    check_attention(cfg.attention)  # flex_attention trains on CUDA only: refused before OUTPUT is touched
     with rundir.claim(cfg), signals.handlers_restored():
         return _run(cfg, model, tokenizer)
 
