@@ -159,13 +159,13 @@ def load_model(cfg, tokenizer, model=None, path: str = "", qlora: bool = False):
     return model
 
 
-def with_lora(cfg, model):
-    """The policy with LoRA adapters when cfg.lora_r > 0 (seeded: the same adapters each run)."""
+def with_lora(cfg, model, qlora: bool = False):
+    """The policy with LoRA adapters when cfg.lora_r > 0 (seeded: the same adapters each run);
+    qlora: the model was loaded in 4-bit (load_model's qlora)."""
     if cfg.lora_r > 0 and not models.is_peft(model):
         torch.manual_seed(cfg.seed)
-        # ppo has no qlora: its value model copies the policy's body, which must stay full precision
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                                  qlora=getattr(cfg, "qlora", False))
+                                  qlora=qlora)
     return model
 
 
@@ -187,7 +187,7 @@ def build(cfg: TrainConfig, *, device: torch.device, model=None, tokenizer=None,
     if cfg.eval_data:
         eval_items, _ = load_items(cfg, tokenizer, cfg.eval_data, kind,
                                    rundir.staged(cfg.output, "rejects_eval.jsonl") if lead else None, log)
-    model = with_lora(cfg, load_model(cfg, tokenizer, model, qlora=cfg.qlora))
+    model = with_lora(cfg, load_model(cfg, tokenizer, model, qlora=cfg.qlora), qlora=cfg.qlora)
     if cfg.gradient_checkpointing:
         checkpoint_layers(model)
     elif cfg.lean_mlp:

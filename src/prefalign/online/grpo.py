@@ -112,7 +112,7 @@ def _set_up(cfg: GRPOConfig, model, tokenizer, prompts, reward, ref_model) -> _R
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg, model, tokenizer, qlora=cfg.qlora)
-    policy = prepare.with_lora(cfg, policy)
+    policy = prepare.with_lora(cfg, policy, qlora=cfg.qlora)
     lean_mlps(policy)  # bitwise the same gradients, half the MLP activations (prefalign.lean)
     policy.to(device).train()
     pset = prompt_set(prompts, cfg.prompts, tok, cfg.max_prompt_length)
