@@ -308,7 +308,8 @@ def test_cli_ppo_with_a_builtin_reward(tok, tmp_path, capsys):
     assert any(n.startswith("policy.") for n in names) and "value.head.weight" in names
     # the run directory is guarded: the same command again is refused, naming the way out
     assert cli.main(args) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume auto --steps N (N > 2)" in err
 
 
 @pytest.mark.slow

@@ -70,14 +70,15 @@ def latest_checkpoint(output: str) -> tuple[int, bool] | None:
         return None
 
 
-def _holds_run_message(output: str) -> str:
-    """The refusal for a directory holding a run; it suggests --resume auto only where that continues it."""
+def _holds_run_message(output: str, steps_flag: str) -> str:
+    """The refusal for a directory holding a run; it suggests --resume auto only where that continues it
+    (steps_flag: the command's flag for the run's length, --max-steps or ppo's --steps)."""
     last = latest_checkpoint(output)
     if last is None:
         return f"{output} already holds a run with no checkpoint to continue from; use --overwrite to replace it"
     step, finished = last
     if finished:
-        return (f"{output} already holds a run, finished at step {step}; use --resume auto --max-steps N "
+        return (f"{output} already holds a run, finished at step {step}; use --resume auto {steps_flag} N "
                 f"(N > {step}) to train it further or --overwrite to replace it")
     return f"{output} already holds a run (checkpoint at step {step}); use --resume auto to continue it " \
            f"or --overwrite to replace it"
@@ -102,7 +103,7 @@ def check(cfg) -> None:
         raise UserError(f"{out} is not empty and holds no prefalign run ({listed}); use --overwrite to write "
                         f"into it anyway, or choose another --output")
     if not cfg.resume:
-        raise UserError(_holds_run_message(out))
+        raise UserError(_holds_run_message(out, "--max-steps" if hasattr(cfg, "max_steps") else "--steps"))
     if cfg.resume != "auto" and not _own_checkpoint(out, cfg.resume):
         raise UserError(f"{out} already holds a run; resuming {cfg.resume} into it would replace it: use "
                         f"--overwrite to replace it, or another --output")
